@@ -1,0 +1,204 @@
+"""NAN merge methods: mergekit's task-vector methods with per-tensor NAN weights.
+
+Each `nan_<name>` wraps mergekit's registered `<name>` by composition. It keeps
+that method's spec (sparsification, consensus, normalize, rescale, lambda, their
+defaults), adds `temperature`, makes `weight` an optional prior (default 1), and
+for every output tensor replaces the weights with NAN's before handing the group
+to the wrapped method. Everything else - lazy loading, dtype handling, device
+offload, writing - stays mergekit's.
+
+The last line of this module registers the methods. The import hook imports this
+module and nothing else, so registration happens once it is fully defined, in
+whatever order mergekit and this plugin are imported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Hashable, Optional, Sequence
+
+import torch
+from pydantic import BeforeValidator
+from typing_extensions import Annotated
+
+from mergekit.io import tensor_writer
+from mergekit.merge_methods import registry
+from mergekit.merge_methods.base import (
+    GroupMergeMethod,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    PerInputValues,
+    TensorGroup,
+)
+from mergekit_nan import record
+from mergekit_nan.coefficients import PAPER_URL, check_temperature, nan_weights
+from mergekit_nan.norms import delta_norms
+
+WRAPPED_METHODS = (
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+)
+
+Temperature = Annotated[float, BeforeValidator(check_temperature)]
+
+
+class NanMergeMethod(GroupMergeMethod):
+    """`nan_<wrapped>`: the wrapped method, with NAN choosing each model's weight."""
+
+    def __init__(self, wrapped: GroupMergeMethod):
+        self.wrapped = wrapped
+        inner = wrapped.spec
+        parameters = [
+            replace(p, default=1.0) if p.name == "weight" else p
+            for p in inner.parameters
+        ]
+        parameters.append(
+            ParameterSpec(
+                "temperature",
+                Temperature,
+                ParameterScope.SHARED,
+                default=1.0,
+                description="NAN softmax temperature: alpha_i ∝ norm_i^(-1/T)",
+            )
+        )
+        self.spec = MergeMethodSpec(
+            name=f"nan_{inner.name}",
+            parameters=tuple(parameters),
+            contract=inner.contract,
+            pretty_name=f"NAN + {inner.pretty_name or inner.name}",
+            reference_url=PAPER_URL,
+            optional_tensor_policy=inner.optional_tensor_policy,
+            uses_accelerator=inner.uses_accelerator,
+        )
+
+    def validate_inputs(
+        self,
+        input_ids: Sequence[Hashable],
+        base_id: Optional[Hashable] = None,
+        *,
+        group_name: Optional[str] = None,
+    ) -> None:
+        if base_id is None:
+            raise ValueError(
+                f"{self.spec.name} needs `base_model:` in the config: NAN weighs each "
+                "model by the norm of its task delta (model minus base)"
+            )
+        super().validate_inputs(input_ids, base_id, group_name=group_name)
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        name = group.metadata.name or "<unnamed tensor>"
+        base = group.base
+        tuned = group.non_base
+        if base is None:  # direct API callers can get here without a base
+            raise ValueError(f"{self.spec.name} needs a base input for tensor {name}")
+        temperature = parameters.pop("temperature")
+        priors = [parameters["weight"][entry.id] for entry in tuned]
+        for entry, prior in zip(tuned, priors):
+            if not (math.isfinite(prior) and prior >= 0):
+                raise ValueError(
+                    f"{self.spec.name}: `weight` of model {entry.id} for tensor {name} "
+                    f"is {prior}; NAN takes it as a prior share, which must be >= 0"
+                )
+
+        with torch.no_grad():
+            measured = delta_norms(base.tensor, [entry.tensor for entry in tuned])
+        _refuse_non_finite(name, base, tuned, measured.base_norm, measured.delta_norms)
+        chosen = nan_weights(
+            measured.delta_norms,
+            priors,
+            temperature,
+            base_norm=measured.base_norm,
+        )
+        record.add(
+            record.TensorRecord(
+                tensor=name,
+                method=self.spec.name,
+                wrapped_method=self.wrapped.spec.name,
+                base_model=str(base.id),
+                models=tuple(str(entry.id) for entry in tuned),
+                base_norm=measured.base_norm,
+                norms=chosen.norms,
+                coefficients=chosen.coefficients,
+                priors=tuple(priors),
+                weights=chosen.weights,
+                parameters=tuple(
+                    sorted(
+                        (key, value)
+                        for key, value in [("temperature", temperature), *parameters.items()]
+                        if not isinstance(value, PerInputValues)
+                    )
+                ),
+            )
+        )
+
+        # Models that did not change this tensor take no part: the wrapped method
+        # sees only the base and the rest (so TIES' sign vote ignores them too).
+        taking_part = [e for e, part in zip(tuned, chosen.participating) if part]
+        if not taking_part:
+            return base.tensor
+        weights = dict(zip((e.id for e in tuned), chosen.weights))
+        parameters["weight"] = PerInputValues([(e.id, weights[e.id]) for e in taking_part])
+        return self.wrapped.merge_group(
+            replace(group, entries=(base, *taking_part)), **parameters
+        )
+
+
+def _refuse_non_finite(name, base, tuned, base_norm, norms) -> None:
+    """Stop the merge, naming tensor and model, before NaN/Inf reaches a shard."""
+    if not math.isfinite(base_norm):
+        culprit = base.id
+    else:
+        bad = [entry.id for entry, norm in zip(tuned, norms) if not math.isfinite(norm)]
+        if not bad:
+            return
+        culprit = ", ".join(str(b) for b in bad)
+    raise ValueError(
+        f"NaN or Inf in tensor {name} of model {culprit}; refusing to merge it "
+        "(the output directory holds no finished model)"
+    )
+
+
+def _record_merges_to_disk() -> None:
+    """Save the coefficient record beside every model mergekit writes.
+
+    TensorWriter is created when a merge starts writing and finalized once every
+    tensor is saved, so it brackets exactly one merge. Merges that use no NAN
+    method leave no record and no file.
+    """
+    writer = tensor_writer.TensorWriter
+    if getattr(writer, "_nan_recording", False):
+        return
+    original_init, original_finalize = writer.__init__, writer.finalize
+
+    def __init__(self, out_path, *args, **kwargs):
+        original_init(self, out_path, *args, **kwargs)
+        self._nan_records = record.start()
+
+    def finalize(self):
+        original_finalize(self)
+        records = record.stop(getattr(self, "_nan_records", None))
+        if records:
+            record.write(records, self.out_path)
+
+    writer.__init__, writer.finalize = __init__, finalize
+    writer._nan_recording = True
+
+
+def register_methods() -> None:
+    """Register every nan_* method; calling it again changes nothing."""
+    known = {method.spec.name for method in registry.registered_methods()}
+    for name in WRAPPED_METHODS:
+        if f"nan_{name}" not in known:
+            registry.register(NanMergeMethod(registry.get(name)))
+    _record_merges_to_disk()
+
+
+register_methods()

@@ -1,0 +1,104 @@
+"""Frobenius norms of task deltas, chunked so that no full-size copy is ever made.
+
+The naive `(tuned.float() - base.float()).norm()` allocates two float32 copies of
+every tensor (2.5 GB each for a 152k x 4096 embedding) and runs at memory-allocator
+speed. Here each tensor is walked in slices: a slice of the base is converted to
+float32 once into a reused scratch buffer, each model's slice is converted into a
+second one, subtracted, squared in place and summed (torch's cascade sum keeps the
+relative error near 1e-8). Per-slice sums are accumulated in float64, so scratch
+memory is two slices whatever the tensor size.
+
+float32 sums of squares can overflow (bf16 holds values up to 3e38) or underflow
+(deltas below ~1e-19). Those rare tensors are recomputed in float64, which covers
+every finite bf16/fp16/fp32 input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence, Tuple
+
+import torch
+
+# Elements per slice: 2 MiB of float32 per scratch buffer fits in L2 on CPUs; on
+# accelerators larger slices amortize kernel launches.
+CPU_CHUNK = 1 << 19
+ACCELERATOR_CHUNK = 1 << 24
+
+# float32 sums outside this range may have lost precision or overflowed.
+_SAFE_SUMSQ = (1e-30, 1e30)
+
+
+@dataclass(frozen=True)
+class DeltaNorms:
+    base_norm: float  # ||base||_F
+    delta_norms: Tuple[float, ...]  # ||tuned_i - base||_F, in input order
+
+
+def delta_norms(
+    base: torch.Tensor, tuned: Sequence[torch.Tensor], chunk: int = 0
+) -> DeltaNorms:
+    """||base|| and ||t - base|| for each t, on the tensors' own device.
+
+    Non-finite inputs give non-finite norms; callers decide what to do about it.
+    """
+    for tensor in tuned:
+        if tensor.shape != base.shape:
+            raise ValueError(
+                f"shape mismatch: {tuple(tensor.shape)} vs base {tuple(base.shape)}"
+            )
+    flat_base = base.reshape(-1)
+    flat_tuned = [t.reshape(-1) for t in tuned]
+    sums = _sums_of_squares(flat_base, flat_tuned, chunk, torch.float32)
+
+    # Rescue the float32 fast path where it cannot be trusted (see module docstring).
+    for index, total in enumerate(sums):
+        if _SAFE_SUMSQ[0] <= total <= _SAFE_SUMSQ[1]:
+            continue
+        if index == 0:
+            if total != 0:
+                sums[0] = _sums_of_squares(flat_base, [], chunk, torch.float64)[0]
+        elif not torch.equal(flat_tuned[index - 1], flat_base):
+            sums[index] = _sums_of_squares(
+                flat_base, [flat_tuned[index - 1]], chunk, torch.float64
+            )[1]
+        else:
+            sums[index] = 0.0
+    norms = [math.sqrt(s) if s >= 0 else s for s in sums]
+    return DeltaNorms(base_norm=norms[0], delta_norms=tuple(norms[1:]))
+
+
+def _sums_of_squares(
+    base: torch.Tensor,
+    tuned: Sequence[torch.Tensor],
+    chunk: int,
+    dtype: torch.dtype,
+) -> list:
+    """[sum(base^2), sum((t_1 - base)^2), ...] over flat tensors, slice by slice."""
+    count = base.numel()
+    device = base.device
+    on_cpu = device.type == "cpu"
+    chunk = min(count, chunk or (CPU_CHUNK if on_cpu else ACCELERATOR_CHUNK)) or 1
+    base_slice = torch.empty(chunk, dtype=dtype, device=device)
+    work = torch.empty(chunk, dtype=dtype, device=device)
+    if on_cpu:
+        totals = [0.0] * (len(tuned) + 1)
+    else:  # stay on the device: one host sync at the end, not one per slice
+        totals = torch.zeros(len(tuned) + 1, dtype=torch.float64, device=device)
+
+    for start in range(0, count, chunk):
+        stop = min(count, start + chunk)
+        b = base_slice[: stop - start]
+        b.copy_(base[start:stop])
+        d = work[: stop - start]
+        partial = [torch.mul(b, b, out=d).sum()]
+        for tensor in tuned:
+            d.copy_(tensor[start:stop])
+            partial.append(d.sub_(b).square_().sum())
+        if on_cpu:
+            for index, value in enumerate(partial):
+                totals[index] += value.item()
+        else:
+            totals += torch.stack(partial).to(torch.float64)
+    return totals if on_cpu else totals.tolist()

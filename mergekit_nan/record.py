@@ -1,0 +1,127 @@
+"""The coefficient record: what NAN chose for every tensor of a merge.
+
+Merge methods run inside mergekit's executor, which knows nothing of this plugin,
+so records are collected here while a merge is being written and saved next to
+the model when mergekit finalizes its output (see `methods.py`, which hooks
+TensorWriter). One small record per tensor, never a tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from mergekit_nan.coefficients import PAPER_URL
+
+RECORD_FILENAME = "nan_coefficients.json"
+RECORD_FORMAT = "mergekit-nan/coefficients/1"
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    tensor: str
+    method: str
+    wrapped_method: str
+    base_model: str
+    models: Tuple[str, ...]  # non-base inputs present for this tensor, in order
+    base_norm: float
+    norms: Tuple[float, ...]
+    coefficients: Tuple[float, ...]
+    priors: Tuple[float, ...]
+    weights: Tuple[float, ...]
+    parameters: Tuple[Tuple[str, Any], ...]  # shared parameters, sorted by name
+
+
+_lock = threading.Lock()
+_active: Optional[List[TensorRecord]] = None
+
+
+def add(record: TensorRecord) -> None:
+    """Keep `record` if a merge is being recorded; otherwise drop it."""
+    with _lock:
+        if _active is not None:
+            _active.append(record)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[List[TensorRecord]]:
+    """Collect the records of NAN merges run inside the block (e.g. merge_tensors)."""
+    records = start()
+    try:
+        yield records
+    finally:
+        stop(records)
+
+
+def start() -> List[TensorRecord]:
+    global _active
+    with _lock:
+        _active = []
+        return _active
+
+
+def stop(records: Optional[List[TensorRecord]] = None) -> List[TensorRecord]:
+    """End recording (only the given session, if named) and return what it holds."""
+    global _active
+    with _lock:
+        current = _active
+        if records is None or current is records:
+            _active = None
+        return current if records is None else records
+
+
+def to_json(records: List[TensorRecord]) -> Dict[str, Any]:
+    """The record as one JSON document: columns per tensor, aligned to `models`."""
+    models: List[str] = []
+    for record in records:
+        models.extend(m for m in record.models if m not in models)
+    methods = sorted({(r.method, r.wrapped_method) for r in records})
+    common = dict(records[0].parameters) if records else {}
+    for record in records[1:]:
+        mine = dict(record.parameters)
+        common = {k: v for k, v in common.items() if k in mine and mine[k] == v}
+
+    def column(record: TensorRecord, values: Tuple[float, ...]) -> List[Optional[float]]:
+        by_model = dict(zip(record.models, values))
+        return [by_model.get(m) for m in models]
+
+    tensors = []
+    for record in records:
+        entry: Dict[str, Any] = {"name": record.tensor, "base_norm": record.base_norm}
+        own = {k: v for k, v in record.parameters if common.get(k, object()) != v}
+        if own:
+            entry["parameters"] = own
+        entry["norms"] = column(record, record.norms)
+        entry["coefficients"] = column(record, record.coefficients)
+        entry["priors"] = column(record, record.priors)
+        entry["weights"] = column(record, record.weights)
+        tensors.append(entry)
+    return {
+        "format": RECORD_FORMAT,
+        "paper": PAPER_URL,
+        "merge_method": ", ".join(m for m, _ in methods),
+        "wrapped_method": ", ".join(w for _, w in methods),
+        "base_model": records[0].base_model if records else None,
+        "models": models,
+        "parameters": common,
+        "tensors": tensors,
+    }
+
+
+def write(records: List[TensorRecord], out_dir: str) -> str:
+    """Write the record atomically into `out_dir`; returns its path."""
+    path = os.path.join(out_dir, RECORD_FILENAME)
+    partial = path + ".partial"
+    document = to_json(records)
+    tensors = document.pop("tensors")
+    head = json.dumps(document, indent=1, allow_nan=False)
+    # One line per tensor keeps a 1000-tensor record readable with grep and diff.
+    rows = ",\n".join("  " + json.dumps(t, allow_nan=False) for t in tensors)
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write(head[:-2] + ',\n "tensors": [\n' + rows + "\n ]\n}\n")
+    os.replace(partial, path)
+    return path
