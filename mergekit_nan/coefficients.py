@@ -28,11 +28,14 @@ NEGLIGIBLE_DELTA_RATIO = 1e-6
 
 def check_temperature(temperature: float) -> float:
     """Return `temperature` as a float, or raise naming the parameter."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    try:
+        if isinstance(temperature, bool):
+            raise TypeError
+        value = float(temperature)  # numeric strings: YAML 1.1 reads 1e-1 as a string
+    except (TypeError, ValueError):
         raise ValueError(
             f"NAN parameter `temperature` must be a number > 0, got {temperature!r}"
-        )
-    value = float(temperature)
+        ) from None
     if not (math.isfinite(value) and value > 0):
         raise ValueError(
             f"NAN parameter `temperature` must be a finite number > 0, got {temperature!r}"

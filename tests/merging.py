@@ -1,0 +1,93 @@
+"""Running real merges from the tests, and the independent reference they are checked against."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Dict, List, Sequence
+
+import torch
+import yaml
+
+BIN = os.path.dirname(sys.executable)
+
+
+def write_config(path: str, config: dict) -> str:
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(config, handle, sort_keys=False)
+    return path
+
+
+def mergekit_yaml(config: dict, out: str, *extra: str, command: str = "mergekit-yaml") -> subprocess.CompletedProcess:
+    """The real command line, in a subprocess, as a user would run it."""
+    path = write_config(out.rstrip("/") + ".yml", config)
+    return subprocess.run(
+        [os.path.join(BIN, command), path, out, "--no-copy-tokenizer", *extra],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def run_in_process(config: dict, out: str, seed: int = None) -> None:
+    """mergekit's own Python entry point (run_merge), for stock comparisons."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    options = MergeOptions(copy_tokenizer=False, random_seed=seed, quiet=True, write_model_card=False)
+    run_merge(MergeConfiguration.model_validate(config), out, options=options)
+
+
+def nan_config(method: str, paths: Sequence[str], priors: Sequence[float], dtype: str, parameters: dict = None, model_parameters: dict = None) -> dict:
+    config = {
+        "merge_method": method,
+        "base_model": paths[0],
+        "models": [
+            {"model": p, "parameters": {"weight": w, **(model_parameters or {})}}
+            for p, w in zip(paths[1:], priors)
+        ],
+        "dtype": dtype,
+    }
+    if parameters:
+        config["parameters"] = parameters
+    return config
+
+
+def reference_weights(base: Dict[str, torch.Tensor], tuned: List[Dict[str, torch.Tensor]], priors: Sequence[float], temperature: float) -> Dict[str, List[float]]:
+    """Per-tensor NAN weights from float64 norms and the paper's n^(-1/T) form.
+
+    Written independently of mergekit_nan: a model whose delta is negligible
+    (<= 1e-6 of the base norm) gets weight 0, and the budget is the priors' sum
+    over the others.
+    """
+    weights = {}
+    for name, b in base.items():
+        b64 = b.double()
+        norms = [(t[name].double() - b64).norm().item() for t in tuned]
+        live = [n > 1e-6 * b64.norm().item() for n in norms]
+        powers = [n ** (-1 / temperature) if ok else 0.0 for n, ok in zip(norms, live)]
+        alpha = [p / sum(powers) for p in powers] if any(live) else [0.0] * len(norms)
+        budget = sum(p for p, ok in zip(priors, live) if ok)
+        mass = sum(p * a for p, a in zip(priors, alpha))
+        weights[name] = [budget * p * a / mass if mass else 0.0 for p, a in zip(priors, alpha)]
+    return weights
+
+
+def per_tensor_weight_config(config: dict, weights: Dict[str, List[float]], method: str) -> dict:
+    """The same merge for stock mergekit, with each tensor's weights spelled out as filters."""
+    stock = json.loads(json.dumps(config))
+    stock["merge_method"] = method
+    stock.get("parameters", {}).pop("temperature", None)
+    for index, model in enumerate(stock["models"]):
+        model["parameters"]["weight"] = [
+            {"filter": name, "value": w[index]} for name, w in weights.items()
+        ] + [{"value": 1.0}]
+    return stock
+
+
+def read_record(out: str) -> dict:
+    with open(os.path.join(out, "nan_coefficients.json"), encoding="utf-8") as handle:
+        return json.load(handle)

@@ -1,0 +1,107 @@
+"""Every nan_* method through the real `mergekit-yaml`, checked against independent results.
+
+One family of tiny LLaMA checkpoints (a base and three fine-tunes whose deltas differ
+25x in size) is merged with each method in float32 and bfloat16. Each result must
+equal stock mergekit's method of the same name given, tensor by tensor, the weights
+that an independent float64 computation of NAN prescribes; `nan_task_arithmetic`
+must also equal base + lambda * sum w_i delta_i written out by hand.
+"""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from checkpoints import load, make_family
+from merging import (
+    mergekit_yaml,
+    nan_config,
+    per_tensor_weight_config,
+    read_record,
+    reference_weights,
+    run_in_process,
+)
+
+METHODS = {
+    # method: (shared parameters, per-model parameters)
+    "task_arithmetic": ({"temperature": 0.5, "lambda": 0.7}, {}),
+    "ties": ({}, {"density": 0.6}),
+    "dare_ties": ({"temperature": 2.0}, {"density": 0.7}),
+    "dare_linear": ({}, {"density": 0.7}),
+    "breadcrumbs": ({}, {"density": 0.8, "gamma": 0.05}),
+    "breadcrumbs_ties": ({}, {"density": 0.8, "gamma": 0.05}),
+    "della": ({}, {"density": 0.6, "epsilon": 0.1}),
+    "della_linear": ({"lambda": 1.3}, {"density": 0.6, "epsilon": 0.1}),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PRIORS = [1.0, 2.0, 0.5]
+SEED = 7
+TOLERANCE = {"float32": dict(rtol=1e-5, atol=1e-6), "bfloat16": dict(rtol=8e-3, atol=1e-3)}
+
+
+@pytest.fixture(scope="session")
+def sweep(tmp_path_factory):
+    """All 16 nan merges, run two at a time, each by the real command line."""
+    root = tmp_path_factory.mktemp("sweep")
+    families = {d: make_family(str(root / d), [0.002, 0.01, 0.05], dtype=t) for d, t in DTYPES.items()}
+    jobs = {}
+    for dtype, paths in families.items():
+        for method, (shared, per_model) in METHODS.items():
+            config = nan_config(f"nan_{method}", paths, PRIORS, dtype, shared, per_model)
+            jobs[(method, dtype)] = (config, str(root / f"out-nan_{method}-{dtype}"))
+    with ThreadPoolExecutor(2) as pool:
+        runs = dict(zip(jobs, pool.map(lambda job: mergekit_yaml(job[0], job[1], "--random-seed", str(SEED)), jobs.values())))
+    return families, jobs, runs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", METHODS)
+def test_equals_stock_method_with_nan_weights(sweep, tmp_path, method, dtype):
+    families, jobs, runs = sweep
+    run = runs[(method, dtype)]
+    assert run.returncode == 0, run.stderr[-3000:]
+    config, out = jobs[(method, dtype)]
+    paths = families[dtype]
+    base, tuned = load(paths[0]), [load(p) for p in paths[1:]]
+    temperature = METHODS[method][0].get("temperature", 1.0)
+    weights = reference_weights(base, tuned, PRIORS, temperature)
+
+    stock_out = str(tmp_path / "stock")
+    run_in_process(per_tensor_weight_config(config, weights, method), stock_out, seed=SEED)
+    merged, stock = load(out), load(stock_out)
+    assert merged.keys() == stock.keys() == base.keys()
+    for name in base:
+        assert merged[name].dtype == DTYPES[dtype]
+        torch.testing.assert_close(merged[name], stock[name], **TOLERANCE[dtype], msg=name)
+        assert not torch.equal(merged[name], base[name]), name
+
+    record = read_record(out)
+    assert record["merge_method"] == f"nan_{method}" and record["wrapped_method"] == method
+    assert record["models"] == paths[1:] and record["base_model"] == paths[0]
+    assert record["parameters"]["temperature"] == temperature
+    assert sorted(t["name"] for t in record["tensors"]) == sorted(base)
+    for entry in record["tensors"]:
+        assert entry["weights"] == pytest.approx(weights[entry["name"]], rel=1e-5)
+        assert sum(entry["coefficients"]) == pytest.approx(1.0)
+        assert entry["priors"] == PRIORS
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_task_arithmetic_equals_closed_form(sweep, dtype):
+    families, jobs, runs = sweep
+    shared, _ = METHODS["task_arithmetic"]
+    paths = families[dtype]
+    base, tuned = load(paths[0]), [load(p) for p in paths[1:]]
+    weights = reference_weights(base, tuned, PRIORS, shared["temperature"])
+    merged = load(jobs[("task_arithmetic", dtype)][1])
+    for name, b in base.items():
+        delta = sum(w * (t[name].double() - b.double()) for w, t in zip(weights[name], tuned))
+        expected = (b.double() + shared["lambda"] * delta).to(DTYPES[dtype])
+        torch.testing.assert_close(merged[name], expected, **TOLERANCE[dtype], msg=name)
+
+
+def test_model_card_names_nan_and_the_paper(sweep):
+    _, jobs, _ = sweep
+    card = open(os.path.join(jobs[("ties", "float32")][1], "README.md"), encoding="utf-8").read()
+    assert "[NAN + TIES](https://arxiv.org/abs/2505.16148)" in card
