@@ -1,4 +1,6 @@
-"""Command-line entry points."""
+"""Command-line entry points: `mergekit-nan-yaml` and `mergekit-nan`."""
+
+import argparse
 
 import mergekit_nan  # noqa: F401  (registers the nan_* methods)
 
@@ -13,9 +15,14 @@ def run_yaml():
     mergekit_yaml(prog_name="mergekit-nan-yaml")
 
 
-def main():
+def main(argv=None):
     """`mergekit-nan`: the plugin's own commands."""
-    import sys
+    parser = argparse.ArgumentParser(prog="mergekit-nan", description="NAN merging for mergekit")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="build a tiny real example, merge it with nan_ties, print the coefficients")
+    demo.add_argument("--out", default="demo-out", help="where models, configs and merges go (default: demo-out)")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from mergekit_nan.demo import run_demo
 
-    print("usage: mergekit-nan-yaml CONFIG.yml OUT_DIR [mergekit-yaml options]", file=sys.stderr)
-    raise SystemExit(2)
+        run_demo(args.out)

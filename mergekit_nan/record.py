@@ -125,3 +125,20 @@ def write(records: List[TensorRecord], out_dir: str) -> str:
         handle.write(head[:-2] + ',\n "tensors": [\n' + rows + "\n ]\n}\n")
     os.replace(partial, path)
     return path
+
+
+def model_summary(document: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Per model: mean delta norm and mean/min/max coefficient over the tensors it is in."""
+    rows = []
+    for index, model in enumerate(document["models"]):
+        norms = [t["norms"][index] for t in document["tensors"] if t["norms"][index] is not None]
+        coefs = [t["coefficients"][index] for t in document["tensors"] if t["coefficients"][index] is not None]
+        rows.append({
+            "model": model,
+            "tensors": len(coefs),
+            "mean_norm": sum(norms) / len(norms) if norms else float("nan"),
+            "mean_coefficient": sum(coefs) / len(coefs) if coefs else float("nan"),
+            "min_coefficient": min(coefs, default=float("nan")),
+            "max_coefficient": max(coefs, default=float("nan")),
+        })
+    return rows

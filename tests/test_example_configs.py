@@ -1,0 +1,34 @@
+"""The shipped example configs are valid mergekit configs for registered nan_* methods."""
+
+import glob
+import os
+
+import pytest
+import yaml
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "example_configs", "*.yml")))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_is_valid(path):
+    import mergekit_nan  # noqa: F401
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge_methods import registry
+
+    with open(path, encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle)
+    config = MergeConfiguration.model_validate(raw)
+    spec = registry.get(config.merge_method).spec
+    assert config.merge_method.startswith("nan_") and config.base_model is not None
+    known = {p.name for p in spec.parameters}
+    named = set(raw.get("parameters") or {})
+    for model in raw["models"]:
+        named |= set(model.get("parameters") or {})
+    assert named <= known, named - known
+
+
+def test_one_config_per_method():
+    from mergekit_nan.methods import WRAPPED_METHODS
+
+    names = {os.path.basename(p)[:-4] for p in CONFIGS}
+    assert {f"nan_{m}" for m in WRAPPED_METHODS} <= names
