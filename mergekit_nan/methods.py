@@ -14,6 +14,7 @@ whatever order mergekit and this plugin are imported.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import replace
 from typing import Any, Hashable, Optional, Sequence
@@ -48,6 +49,19 @@ WRAPPED_METHODS = (
 )
 
 Temperature = Annotated[float, BeforeValidator(check_temperature)]
+
+# Set by `inspect`: compute and record the coefficients, skip the merge itself.
+_dry_run = False
+
+
+@contextlib.contextmanager
+def dry_run():
+    global _dry_run
+    _dry_run = True
+    try:
+        yield
+    finally:
+        _dry_run = False
 
 
 class NanMergeMethod(GroupMergeMethod):
@@ -142,7 +156,7 @@ class NanMergeMethod(GroupMergeMethod):
         # Models that did not change this tensor take no part: the wrapped method
         # sees only the base and the rest (so TIES' sign vote ignores them too).
         taking_part = [e for e, part in zip(tuned, chosen.participating) if part]
-        if not taking_part:
+        if not taking_part or _dry_run:
             return base.tensor
         weights = dict(zip((e.id for e in tuned), chosen.weights))
         parameters["weight"] = PerInputValues([(e.id, weights[e.id]) for e in taking_part])
