@@ -64,6 +64,14 @@ def inverse_norm_softmax(norms: Sequence[float], temperature: float = 1.0) -> Tu
     return tuple(e / total for e in exps)
 
 
+def takes_part(
+    norms: Sequence[float], base_norm: Optional[float] = None, negligible_ratio: float = NEGLIGIBLE_DELTA_RATIO
+) -> Tuple[bool, ...]:
+    """Which deltas count: norm above negligible_ratio * base_norm (above 0 without a base norm)."""
+    threshold = 0.0 if base_norm is None else negligible_ratio * float(base_norm)
+    return tuple(float(n) > threshold for n in norms)
+
+
 @dataclass(frozen=True)
 class NanWeights:
     """Everything NAN decided for one tensor, in model order."""
@@ -96,8 +104,7 @@ def nan_weights(
             raise ValueError(
                 f"weight #{index} is {prior!r}; NAN takes `weight` as a prior that must be >= 0"
             )
-    threshold = 0.0 if base_norm is None else negligible_ratio * float(base_norm)
-    participating = tuple(n > threshold for n in norms)
+    participating = takes_part(norms, base_norm, negligible_ratio)
     alphas = inverse_norm_softmax(
         [n if part else 0.0 for n, part in zip(norms, participating)], temperature
     )

@@ -16,7 +16,7 @@ import os
 import re
 from typing import Any, Dict, List, Optional
 
-from mergekit_nan import methods, record
+from mergekit_nan import methods, prepass, record
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -31,6 +31,7 @@ def inspect_config(merge_config, options) -> Dict[str, Any]:
 
     if not merge_config.merge_method.startswith("nan_"):
         raise ValueError(f"inspect needs a nan_* merge method, not {merge_config.merge_method!r}")
+    prepass.clear()
     arch_info = get_architecture_info(merge_config, options)
     LoaderCache().setup(options=options)
     out_config = _model_out_config(merge_config, arch_info, trust_remote_code=options.trust_remote_code)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import replace
-from typing import Any, Hashable, Optional, Sequence
+from typing import Any, Hashable, Literal, Optional, Sequence
 
 import torch
 from pydantic import BeforeValidator
@@ -33,9 +33,9 @@ from mergekit.merge_methods.base import (
     PerInputValues,
     TensorGroup,
 )
-from mergekit_nan import record
-from mergekit_nan.coefficients import PAPER_URL, check_temperature, nan_weights
-from mergekit_nan.norms import delta_norms
+from mergekit_nan import prepass, record
+from mergekit_nan.coefficients import PAPER_URL, check_temperature, nan_weights, takes_part
+from mergekit_nan.norms import delta_norms, weight_norms
 
 WRAPPED_METHODS = (
     "task_arithmetic",
@@ -74,15 +74,29 @@ class NanMergeMethod(GroupMergeMethod):
             replace(p, default=1.0) if p.name == "weight" else p
             for p in inner.parameters
         ]
-        parameters.append(
+        parameters += [
             ParameterSpec(
                 "temperature",
                 Temperature,
                 ParameterScope.SHARED,
                 default=1.0,
                 description="NAN softmax temperature: alpha_i ∝ norm_i^(-1/T)",
-            )
-        )
+            ),
+            ParameterSpec(
+                "granularity",
+                Literal["tensor", "layer", "model"],
+                ParameterScope.SHARED,
+                default="tensor",
+                description="take each model's norm per tensor, per transformer block or over the model",
+            ),
+            ParameterSpec(
+                "norm_of",
+                Literal["delta", "weights"],
+                ParameterScope.SHARED,
+                default="delta",
+                description="norm of the task delta (default) or of the fine-tuned weights themselves",
+            ),
+        ]
         self.spec = MergeMethodSpec(
             name=f"nan_{inner.name}",
             parameters=tuple(parameters),
@@ -114,6 +128,8 @@ class NanMergeMethod(GroupMergeMethod):
         if base is None:  # direct API callers can get here without a base
             raise ValueError(f"{self.spec.name} needs a base input for tensor {name}")
         temperature = parameters.pop("temperature")
+        granularity = parameters.pop("granularity")
+        norm_of = parameters.pop("norm_of")
         priors = [parameters["weight"][entry.id] for entry in tuned]
         for entry, prior in zip(tuned, priors):
             if not (math.isfinite(prior) and prior >= 0):
@@ -125,12 +141,10 @@ class NanMergeMethod(GroupMergeMethod):
         with torch.no_grad():
             measured = delta_norms(base.tensor, [entry.tensor for entry in tuned])
         _refuse_non_finite(name, base, tuned, measured.base_norm, measured.delta_norms)
-        chosen = nan_weights(
-            measured.delta_norms,
-            priors,
-            temperature,
-            base_norm=measured.base_norm,
-        )
+        # Whether a model takes part is always decided on this tensor's own delta.
+        taking = takes_part(measured.delta_norms, measured.base_norm)
+        norms = self._coefficient_norms(group, measured.delta_norms, granularity, norm_of)
+        chosen = nan_weights([n if t else 0.0 for n, t in zip(norms, taking)], priors, temperature)
         record.add(
             record.TensorRecord(
                 tensor=name,
@@ -139,14 +153,19 @@ class NanMergeMethod(GroupMergeMethod):
                 base_model=str(base.id),
                 models=tuple(str(entry.id) for entry in tuned),
                 base_norm=measured.base_norm,
-                norms=chosen.norms,
+                norms=tuple(norms),
                 coefficients=chosen.coefficients,
                 priors=tuple(priors),
                 weights=chosen.weights,
                 parameters=tuple(
                     sorted(
                         (key, value)
-                        for key, value in [("temperature", temperature), *parameters.items()]
+                        for key, value in [
+                            ("temperature", temperature),
+                            ("granularity", granularity),
+                            ("norm_of", norm_of),
+                            *parameters.items(),
+                        ]
                         if not isinstance(value, PerInputValues)
                     )
                 ),
@@ -163,6 +182,28 @@ class NanMergeMethod(GroupMergeMethod):
         return self.wrapped.merge_group(
             replace(group, entries=(base, *taking_part)), **parameters
         )
+
+
+    @staticmethod
+    def _coefficient_norms(group, delta_norms_, granularity, norm_of):
+        """The norms NAN weighs by: of deltas or weights, per tensor, block or model."""
+        tuned = group.non_base
+        if granularity == "tensor":
+            if norm_of == "delta":
+                return delta_norms_
+            with torch.no_grad():
+                return weight_norms([entry.tensor for entry in tuned])
+        base = group.base.tensor
+        table = prepass.group_norms(
+            group.base.id, [e.id for e in tuned], granularity, norm_of, base.dtype, base.device
+        )
+        name = group.metadata.name
+        if name not in table:
+            raise ValueError(
+                f"granularity: {granularity} found no architecture entry for tensor {name}; "
+                "use granularity: tensor for this merge"
+            )
+        return table[name]
 
 
 def _refuse_non_finite(name, base, tuned, base_norm, norms) -> None:
@@ -194,6 +235,7 @@ def _record_merges_to_disk() -> None:
 
     def __init__(self, out_path, *args, **kwargs):
         original_init(self, out_path, *args, **kwargs)
+        prepass.clear()  # layer/model norms are per merge
         self._nan_records = record.start()
 
     def finalize(self):

@@ -57,8 +57,7 @@ def delta_norms(
         if _SAFE_SUMSQ[0] <= total <= _SAFE_SUMSQ[1]:
             continue
         if index == 0:
-            if total != 0:
-                sums[0] = _sums_of_squares(flat_base, [], chunk, torch.float64)[0]
+            sums[0] = _rescued(flat_base, total, chunk)
         elif not torch.equal(flat_tuned[index - 1], flat_base):
             sums[index] = _sums_of_squares(
                 flat_base, [flat_tuned[index - 1]], chunk, torch.float64
@@ -67,6 +66,24 @@ def delta_norms(
             sums[index] = 0.0
     norms = [math.sqrt(s) if s >= 0 else s for s in sums]
     return DeltaNorms(base_norm=norms[0], delta_norms=tuple(norms[1:]))
+
+
+def weight_norms(tensors: Sequence[torch.Tensor], chunk: int = 0) -> Tuple[float, ...]:
+    """||t||_F for each tensor, sliced and rescued like delta_norms."""
+    norms = []
+    for tensor in tensors:
+        flat = tensor.reshape(-1)
+        total = _sums_of_squares(flat, [], chunk, torch.float32)[0]
+        total = _rescued(flat, total, chunk)
+        norms.append(math.sqrt(total) if total >= 0 else total)
+    return tuple(norms)
+
+
+def _rescued(flat: torch.Tensor, total: float, chunk: int) -> float:
+    """A float32 sum of squares of `flat`, recomputed in float64 where it is unsafe."""
+    if total == 0 or _SAFE_SUMSQ[0] <= total <= _SAFE_SUMSQ[1]:
+        return total
+    return _sums_of_squares(flat, [], chunk, torch.float64)[0]
 
 
 def _sums_of_squares(

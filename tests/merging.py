@@ -91,3 +91,29 @@ def per_tensor_weight_config(config: dict, weights: Dict[str, List[float]], meth
 def read_record(out: str) -> dict:
     with open(os.path.join(out, "nan_coefficients.json"), encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def reference_group_weights(base, tuned, priors, temperature, group_of, norm_of="delta"):
+    """Like reference_weights, with each model's norm taken over the tensor's group.
+
+    `group_of(name)` names the group; a model still takes part in a tensor only if
+    its delta for that very tensor is not negligible.
+    """
+    own, sq = {}, {}
+    for name, b in base.items():
+        b64 = b.double()
+        deltas = [(t[name].double() - b64).norm().item() for t in tuned]
+        measured = deltas if norm_of == "delta" else [t[name].double().norm().item() for t in tuned]
+        own[name] = [d > 1e-6 * b64.norm().item() for d in deltas]
+        totals = sq.setdefault(group_of(name), [0.0] * len(tuned))
+        for i, n in enumerate(measured):
+            totals[i] += n * n
+    weights = {}
+    for name in base:
+        norms = [s ** 0.5 if ok else 0.0 for s, ok in zip(sq[group_of(name)], own[name])]
+        powers = [n ** (-1 / temperature) if n > 0 else 0.0 for n in norms]
+        alpha = [p / sum(powers) for p in powers] if any(powers) else [0.0] * len(norms)
+        budget = sum(p for p, ok in zip(priors, own[name]) if ok)
+        mass = sum(p * a for p, a in zip(priors, alpha))
+        weights[name] = [budget * p * a / mass if mass else 0.0 for p, a in zip(priors, alpha)]
+    return weights
