@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import replace
 from typing import Any, Hashable, Literal, Optional, Sequence
 
@@ -131,12 +132,7 @@ class NanMergeMethod(GroupMergeMethod):
         granularity = parameters.pop("granularity")
         norm_of = parameters.pop("norm_of")
         priors = [parameters["weight"][entry.id] for entry in tuned]
-        for entry, prior in zip(tuned, priors):
-            if not (math.isfinite(prior) and prior >= 0):
-                raise ValueError(
-                    f"{self.spec.name}: `weight` of model {entry.id} for tensor {name} "
-                    f"is {prior}; NAN takes it as a prior share, which must be >= 0"
-                )
+        _check_priors(self.spec.name, name, tuned, priors)
 
         with torch.no_grad():
             measured = delta_norms(base.tensor, [entry.tensor for entry in tuned])
@@ -206,6 +202,77 @@ class NanMergeMethod(GroupMergeMethod):
         return table[name]
 
 
+class NanLinearMerge(GroupMergeMethod):
+    """`nan_linear`: mergekit's weighted average of whole models, with NAN weights.
+
+    No base model: each model is weighed by the inverse norm of its own weights for
+    the tensor ("applied directly on raw model weights" in the paper).
+    """
+
+    def __init__(self, wrapped):
+        self.wrapped = wrapped
+        inner = wrapped.spec
+        parameters = [replace(p, default=1.0) if p.name == "weight" else p for p in inner.parameters]
+        parameters.append(
+            ParameterSpec("temperature", Temperature, ParameterScope.SHARED, default=1.0)
+        )
+        self.spec = MergeMethodSpec(
+            name=f"nan_{inner.name}",
+            parameters=tuple(parameters),
+            contract=inner.contract,
+            pretty_name=f"NAN + {inner.pretty_name or inner.name}",
+            reference_url=PAPER_URL,
+            optional_tensor_policy=inner.optional_tensor_policy,
+            uses_accelerator=inner.uses_accelerator,
+        )
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        name = group.metadata.name or "<unnamed tensor>"
+        temperature = parameters.pop("temperature")
+        entries = group.entries
+        priors = [parameters["weight"][entry.id] for entry in entries]
+        _check_priors(self.spec.name, name, entries, priors)
+        with torch.no_grad():
+            norms = weight_norms([entry.tensor for entry in entries])
+        bad = [str(e.id) for e, n in zip(entries, norms) if not math.isfinite(n)]
+        if bad:
+            raise ValueError(f"NaN or Inf in tensor {name} of model {', '.join(bad)}; refusing to merge it")
+        chosen = nan_weights(norms, priors, temperature)
+        record.add(
+            record.TensorRecord(
+                tensor=name,
+                method=self.spec.name,
+                wrapped_method=self.wrapped.spec.name,
+                base_model=None,
+                models=tuple(str(entry.id) for entry in entries),
+                base_norm=None,
+                norms=chosen.norms,
+                coefficients=chosen.coefficients,
+                priors=tuple(priors),
+                weights=chosen.weights,
+                parameters=(("normalize", parameters["normalize"]), ("temperature", temperature)),
+            )
+        )
+        taking_part = [e for e, part in zip(entries, chosen.participating) if part]
+        if not taking_part or _dry_run:  # all-zero tensors average to zero
+            return entries[0].tensor
+        weights = {e.id: w for e, w in zip(entries, chosen.weights) if w}
+        (merged,) = self.wrapped(
+            (replace(group, entries=tuple(taking_part)),),
+            parameters={"weight": weights, "normalize": parameters["normalize"]},
+        )
+        return merged
+
+
+def _check_priors(method, name, entries, priors) -> None:
+    for entry, prior in zip(entries, priors):
+        if not (math.isfinite(prior) and prior >= 0):
+            raise ValueError(
+                f"{method}: `weight` of model {entry.id} for tensor {name} "
+                f"is {prior}; NAN takes it as a prior share, which must be >= 0"
+            )
+
+
 def _refuse_non_finite(name, base, tuned, base_norm, norms) -> None:
     """Stop the merge, naming tensor and model, before NaN/Inf reaches a shard."""
     if not math.isfinite(base_norm):
@@ -243,9 +310,43 @@ def _record_merges_to_disk() -> None:
         records = record.stop(getattr(self, "_nan_records", None))
         if records:
             record.write(records, self.out_path)
+            _extend_next_model_card(record.to_json(records), self.out_path)
 
     writer.__init__, writer.finalize = __init__, finalize
     writer._nan_recording = True
+
+
+_pending_card_section = None
+
+
+def _extend_next_model_card(document, out_path) -> None:
+    """Append a NAN section to the card run_merge writes right after the tensors.
+
+    run_merge binds generate_card when mergekit.merge is imported, so wrap it there,
+    once; by the time a writer finalizes, that module is fully loaded.
+    """
+    global _pending_card_section
+    import sys
+
+    from mergekit_nan.inspect import write_heatmap
+
+    merge_module = sys.modules.get("mergekit.merge")
+    if merge_module is None:
+        return
+    heatmap = write_heatmap(document, os.path.join(out_path, "nan_coefficients.png"), quiet=True)
+    _pending_card_section = record.card_section(document, heatmap and os.path.basename(heatmap))
+    original = merge_module.generate_card
+    if getattr(original, "_nan_card", False):
+        return
+
+    def generate_card(*args, **kwargs):
+        global _pending_card_section
+        card = original(*args, **kwargs)
+        section, _pending_card_section = _pending_card_section, None
+        return card + section if section else card
+
+    generate_card._nan_card = True
+    merge_module.generate_card = generate_card
 
 
 def register_methods() -> None:
@@ -254,6 +355,8 @@ def register_methods() -> None:
     for name in WRAPPED_METHODS:
         if f"nan_{name}" not in known:
             registry.register(NanMergeMethod(registry.get(name)))
+    if "nan_linear" not in known:
+        registry.register(NanLinearMerge(registry.get("linear")))
     _record_merges_to_disk()
 
 

@@ -26,9 +26,9 @@ class TensorRecord:
     tensor: str
     method: str
     wrapped_method: str
-    base_model: str
+    base_model: Optional[str]  # None for nan_linear
     models: Tuple[str, ...]  # non-base inputs present for this tensor, in order
-    base_norm: float
+    base_norm: Optional[float]
     norms: Tuple[float, ...]
     coefficients: Tuple[float, ...]
     priors: Tuple[float, ...]
@@ -142,3 +142,25 @@ def model_summary(document: Dict[str, Any]) -> List[Dict[str, Any]]:
             "max_coefficient": max(coefs, default=float("nan")),
         })
     return rows
+
+
+def card_section(document: Dict[str, Any], heatmap: Optional[str] = None) -> str:
+    """Markdown for the model card: NAN's settings and each model's mean coefficient."""
+    settings = ", ".join(f"`{k}: {v}`" for k, v in document["parameters"].items()
+                         if k in ("temperature", "granularity", "norm_of", "lambda"))
+    lines = [
+        "",
+        "### NAN coefficients",
+        "",
+        f"Per-tensor model weights were set by [NAN]({PAPER_URL}) ({settings}) on top of "
+        f"`{document['wrapped_method']}`. Mean coefficient per model over {len(document['tensors'])} tensors; "
+        f"`{RECORD_FILENAME}` has every tensor's norms, coefficients and weights.",
+        "",
+        "| model | mean coefficient | min | max |",
+        "|---|---|---|---|",
+    ]
+    for row in model_summary(document):
+        lines.append(f"| {row['model']} | {row['mean_coefficient']:.3f} | {row['min_coefficient']:.3f} | {row['max_coefficient']:.3f} |")
+    if heatmap:
+        lines += ["", f"![NAN coefficients per layer and model]({heatmap})"]
+    return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ from checkpoints import load, make_family
 from merging import BIN, nan_config, read_record, write_config
 
 NAMES = ["nan_task_arithmetic", "nan_ties", "nan_dare_ties", "nan_dare_linear", "nan_breadcrumbs",
-         "nan_breadcrumbs_ties", "nan_della", "nan_della_linear"]
+         "nan_breadcrumbs_ties", "nan_della", "nan_della_linear", "nan_linear"]
 WITHOUT_HOOK = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != '_RegistryFinder']\n"
 CHECK = f"""
 import mergekit.merge_methods.registry as registry

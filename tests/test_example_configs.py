@@ -19,7 +19,8 @@ def test_config_is_valid(path):
         raw = yaml.safe_load(handle)
     config = MergeConfiguration.model_validate(raw)
     spec = registry.get(config.merge_method).spec
-    assert config.merge_method.startswith("nan_") and config.base_model is not None
+    assert config.merge_method.startswith("nan_")
+    assert (config.base_model is None) == (config.merge_method == "nan_linear")
     known = {p.name for p in spec.parameters}
     named = set(raw.get("parameters") or {})
     for model in raw["models"]:
@@ -31,4 +32,4 @@ def test_one_config_per_method():
     from mergekit_nan.methods import WRAPPED_METHODS
 
     names = {os.path.basename(p)[:-4] for p in CONFIGS}
-    assert {f"nan_{m}" for m in WRAPPED_METHODS} <= names
+    assert {f"nan_{m}" for m in WRAPPED_METHODS} | {"nan_linear"} <= names

@@ -30,3 +30,9 @@ def test_inspect_equals_the_merge_record(tmp_path):
     row = next(r for r in table if r["name"] == "model.layers.1.self_attn.v_proj.weight" and r["model"] == paths[1])
     assert row["layer"] == "1" and float(row["coefficient"]) == 0.0  # untouched by that model
     assert "mean coefficient per layer" in run.stdout and paths[2] in run.stdout
+    try:
+        import matplotlib  # noqa: F401  (the `plot` extra)
+    except ImportError:
+        assert "pip install 'mergekit-nan[plot]'" in run.stdout
+    else:
+        assert (out / "coefficients.png").stat().st_size > 1000

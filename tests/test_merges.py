@@ -103,5 +103,12 @@ def test_task_arithmetic_equals_closed_form(sweep, dtype):
 
 def test_model_card_names_nan_and_the_paper(sweep):
     _, jobs, _ = sweep
-    card = open(os.path.join(jobs[("ties", "float32")][1], "README.md"), encoding="utf-8").read()
+    out = jobs[("ties", "float32")][1]
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
     assert "[NAN + TIES](https://arxiv.org/abs/2505.16148)" in card
+    record = read_record(out)
+    assert "### NAN coefficients" in card and "`temperature: 1.0`" in card
+    for index, model in enumerate(record["models"]):
+        coefficients = [t["coefficients"][index] for t in record["tensors"]]
+        mean = sum(coefficients) / len(coefficients)
+        assert f"| {model} | {mean:.3f} | {min(coefficients):.3f} | {max(coefficients):.3f} |" in card

@@ -1,0 +1,54 @@
+"""Task-delta norms of a PEFT LoRA adapter, straight from its files.
+
+A LoRA changes a weight by s * B @ A (B: out x r, A: r x in, s = alpha / r, or
+alpha / sqrt(r) with rsLoRA). Its Frobenius norm needs no out x in matrix:
+||s B A||_F^2 = s^2 trace(B^T B A A^T) = s^2 sum((B^T B) * (A A^T)), two r x r Grams.
+Modules the adapter does not touch have a zero delta.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Dict
+
+import torch
+from safetensors import safe_open
+
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def adapter_delta_norms(adapter_dir: str) -> Dict[str, float]:
+    """{'model.layers.0.self_attn.q_proj.weight': ||s B A||_F, ...} for every adapted module."""
+    with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
+        raise ValueError(f"{adapter_dir}: only plain LoRA adapters have a B @ A delta (no DoRA or other PEFT types)")
+    factors: Dict[str, Dict[str, torch.Tensor]] = {}
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    with safe_open(path, framework="pt") as handle:
+        for key in handle.keys():
+            match = _LORA_KEY.match(key)
+            if match:
+                factors.setdefault(match["module"], {})[match["which"]] = handle.get_tensor(key).double()
+    norms = {}
+    for module, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{adapter_dir}: module {module} has lora_{next(iter(pair))} but not its pair")
+        a, b = pair["A"], pair["B"]
+        rank = a.shape[0]
+        alpha = _pattern(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        squared = ((b.T @ b) * (a @ a.T)).sum().item()
+        norms[module + ".weight"] = abs(scale) * math.sqrt(max(squared, 0.0))
+    return norms
+
+
+def _pattern(pattern: Dict[str, float], module: str, default: float) -> float:
+    """PEFT's per-module override: the first key that names the end of the module path."""
+    for key, value in pattern.items():
+        if module == key or module.endswith("." + key):
+            return value
+    return default

@@ -1,0 +1,81 @@
+"""LoRA adapters: merged through --lora-merge-cache with nan_* methods; norms from the Gram route."""
+
+import os
+
+import pytest
+import torch
+
+from checkpoints import TINY_LLAMA, load, make_family
+from merging import mergekit_yaml, read_record
+
+
+def make_adapter(base_path, out, seed, scale, targets, rank=4, alpha=8, rslora=False):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base_path)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(scale * torch.randn(param.shape, generator=gen))
+    peft_model.save_pretrained(out)
+    merged = peft_model.merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    base = make_family(str(root / "family"), [])[0]
+    one = make_adapter(base, str(root / "a1"), 1, 0.05, ["q_proj", "v_proj"])
+    two = make_adapter(base, str(root / "a2"), 2, 0.2, ["v_proj", "up_proj"], rank=2, alpha=4, rslora=True)
+    return base, [str(root / "a1"), str(root / "a2")], [one, two]
+
+
+def test_gram_route_equals_the_materialized_delta(adapters):
+    from mergekit_nan.lora import adapter_delta_norms
+
+    base_path, adapter_dirs, merged_states = adapters
+    base = load(base_path)
+    for adapter_dir, merged in zip(adapter_dirs, merged_states):
+        norms = adapter_delta_norms(adapter_dir)
+        for name, b in base.items():
+            direct = (merged[name].double() - b.double()).norm().item()
+            if name in norms:
+                assert norms[name] == pytest.approx(direct, rel=1e-5), name
+            else:
+                assert direct < 1e-6 * b.double().norm().item(), name
+        assert len(norms) == 2 * TINY_LLAMA["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("method", ["nan_task_arithmetic", "nan_ties"])
+def test_adapters_merge_through_the_lora_cache(adapters, tmp_path, method):
+    from mergekit_nan.lora import adapter_delta_norms
+
+    base_path, adapter_dirs, _ = adapters
+    config = {
+        "merge_method": method,
+        "base_model": base_path,
+        "models": [{"model": f"{base_path}+{a}", "parameters": {"weight": 1.0}} for a in adapter_dirs],
+        "dtype": "float32",
+    }
+    out = str(tmp_path / "out")
+    run = mergekit_yaml(config, out, "--lora-merge-cache", str(tmp_path / "cache"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    record = {t["name"]: t for t in read_record(out)["tensors"]}
+    gram = [adapter_delta_norms(a) for a in adapter_dirs]
+    merged, base = load(out), load(base_path)
+    for name, entry in record.items():
+        expected = [g.get(name, 0.0) for g in gram]
+        assert entry["norms"] == pytest.approx(expected, rel=1e-5, abs=1e-6), name
+        taking = [n > 0 for n in expected]
+        assert [w > 0 for w in entry["weights"]] == taking, name
+        if not any(taking):  # no adapter touched it: the base tensor, exactly
+            assert torch.equal(merged[name], base[name]), name
+    shared = "model.layers.0.self_attn.v_proj.weight"  # both adapters: NAN splits the budget of 2
+    n1, n2 = gram[0][shared], gram[1][shared]
+    assert record[shared]["weights"] == pytest.approx([2 * n2 / (n1 + n2), 2 * n1 / (n1 + n2)], rel=1e-5)
+    only_one = "model.layers.0.self_attn.q_proj.weight"  # adapter 1 alone: its own weight, 1
+    assert record[only_one]["weights"] == pytest.approx([1.0, 0.0])
