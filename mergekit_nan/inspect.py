@@ -34,6 +34,7 @@ def inspect_config(merge_config, options) -> Dict[str, Any]:
     prepass.clear()
     arch_info = get_architecture_info(merge_config, options)
     LoaderCache().setup(options=options)
+    adapters = _adapters_on_base(merge_config)  # before planning touches any loader
     out_config = _model_out_config(merge_config, arch_info, trust_remote_code=options.trust_remote_code)
     planner = MergePlanner(merge_config, arch_info, options=options, out_model_config=out_config)
     # mergekit 0.1.5's plan_in_memory() cannot build its ReturnTensor tasks, so take
@@ -44,10 +45,34 @@ def inspect_config(merge_config, options) -> Dict[str, Any]:
         math_device=options.device,
         storage_device=options.device if options.low_cpu_memory else "cpu",
     )
-    with record.recording() as records, methods.dry_run():
+    with record.recording() as records, methods.dry_run(adapters):
         for _ in executor.run(quiet=options.quiet):
             pass
     return record.to_json(records)
+
+
+def _adapters_on_base(merge_config) -> Dict[Any, Dict[str, float]]:
+    """LoRA references on the merge's own base: their norms from the adapter files.
+
+    Their loaders are pointed at the base model, so mergekit never merges them into
+    a full model (no --lora-merge-cache entry); the NAN methods substitute the
+    adapter's ||s B A|| for the (zero) measured delta.
+    """
+    from mergekit.common import ModelReference
+    from mergekit.io.tasks import LoaderCache
+
+    from mergekit_nan.lora import adapter_delta_norms
+
+    base = merge_config.base_model
+    if base is None or base.lora is not None:
+        return {}
+    found = {}
+    for model in merge_config.referenced_models():
+        if model.lora is not None and model.model == base.model:
+            found[model] = adapter_delta_norms(model.lora.path)
+            cache = LoaderCache()
+            cache.loaders[model] = cache.get(ModelReference(model=model.model))
+    return found
 
 
 def layer_of(name: str) -> str:

@@ -53,16 +53,25 @@ Temperature = Annotated[float, BeforeValidator(check_temperature)]
 
 # Set by `inspect`: compute and record the coefficients, skip the merge itself.
 _dry_run = False
+# Also by `inspect`: LoRA references on the merge's base -> {tensor: ||s B A||}, so
+# that their deltas are never materialized (their loader serves the base's tensors).
+_adapter_norms: dict = {}
 
 
 @contextlib.contextmanager
-def dry_run():
-    global _dry_run
-    _dry_run = True
+def dry_run(adapter_norms=None):
+    global _dry_run, _adapter_norms
+    _dry_run, _adapter_norms = True, dict(adapter_norms or {})
     try:
         yield
     finally:
-        _dry_run = False
+        _dry_run, _adapter_norms = False, {}
+
+
+def adapter_norm(model, name):
+    """A dry run's adapter norm for (model, tensor); None where the delta is measured."""
+    norms = _adapter_norms.get(model)
+    return None if norms is None else norms.get(name, 0.0)
 
 
 class NanMergeMethod(GroupMergeMethod):
@@ -136,6 +145,11 @@ class NanMergeMethod(GroupMergeMethod):
 
         with torch.no_grad():
             measured = delta_norms(base.tensor, [entry.tensor for entry in tuned])
+        if _adapter_norms:
+            measured = replace(measured, delta_norms=tuple(
+                n if (a := adapter_norm(e.id, name)) is None else a
+                for e, n in zip(tuned, measured.delta_norms)
+            ))
         _refuse_non_finite(name, base, tuned, measured.base_norm, measured.delta_norms)
         # Whether a model takes part is always decided on this tensor's own delta.
         taking = takes_part(measured.delta_norms, measured.base_norm)

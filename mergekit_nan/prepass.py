@@ -95,7 +95,11 @@ def _compute(base, models, granularity, norm_of, dtype, device) -> Norms:
         if norm_of == "weights":
             norms = iter(weight_norms(present))
         else:
-            norms = iter(delta_norms(base_tensor, present).delta_norms)
+            from mergekit_nan.methods import adapter_norm
+
+            measured = delta_norms(base_tensor, present).delta_norms
+            present_models = [m for m, t in zip(models, tuned) if t is not None and t.shape == base_tensor.shape]
+            norms = iter(n if (a := adapter_norm(m, name)) is None else a for m, n in zip(present_models, measured))
         totals = sums.setdefault(label, [0.0] * len(models))
         for index, tensor in enumerate(tuned):
             if tensor is not None and tensor.shape == base_tensor.shape:

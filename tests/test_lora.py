@@ -79,3 +79,31 @@ def test_adapters_merge_through_the_lora_cache(adapters, tmp_path, method):
     assert record[shared]["weights"] == pytest.approx([2 * n2 / (n1 + n2), 2 * n1 / (n1 + n2)], rel=1e-5)
     only_one = "model.layers.0.self_attn.q_proj.weight"  # adapter 1 alone: its own weight, 1
     assert record[only_one]["weights"] == pytest.approx([1.0, 0.0])
+
+
+def test_inspect_takes_adapter_norms_from_the_adapter_files(adapters, tmp_path):
+    import json
+    import subprocess
+
+    from merging import BIN, write_config
+
+    base_path, adapter_dirs, _ = adapters
+    config = {
+        "merge_method": "nan_ties",
+        "base_model": base_path,
+        "models": [{"model": f"{base_path}+{a}", "parameters": {"weight": 1.0, "density": 0.5}} for a in adapter_dirs],
+        "dtype": "float32",
+    }
+    merge = mergekit_yaml(config, str(tmp_path / "merged"), "--lora-merge-cache", str(tmp_path / "merge-cache"))
+    assert merge.returncode == 0, merge.stderr[-2000:]
+    cache = tmp_path / "inspect-cache"
+    run = subprocess.run([os.path.join(BIN, "mergekit-nan"), "inspect", write_config(str(tmp_path / "c.yml"), config),
+                          "--out", str(tmp_path / "inspect"), "--lora-merge-cache", str(cache)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not cache.exists() or not any(cache.iterdir())  # no adapter was merged into a full model
+    inspected = json.loads((tmp_path / "inspect" / "coefficients.json").read_text())
+    merged = read_record(str(tmp_path / "merged"))
+    assert [t["name"] for t in inspected["tensors"]] == [t["name"] for t in merged["tensors"]]
+    for a, b in zip(inspected["tensors"], merged["tensors"]):
+        for key in ("norms", "coefficients", "weights"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (a["name"], key)
