@@ -74,24 +74,36 @@ def adapter_norm(model, name):
     return None if norms is None else norms.get(name, 0.0)
 
 
+def _nan_spec(inner: MergeMethodSpec, *extra: ParameterSpec) -> MergeMethodSpec:
+    """The wrapped method's spec, renamed, with `weight` optional and NAN's parameters."""
+    parameters = [replace(p, default=1.0) if p.name == "weight" else p for p in inner.parameters]
+    parameters.append(
+        ParameterSpec(
+            "temperature",
+            Temperature,
+            ParameterScope.SHARED,
+            default=1.0,
+            description="NAN softmax temperature: alpha_i ∝ norm_i^(-1/T)",
+        )
+    )
+    return MergeMethodSpec(
+        name=f"nan_{inner.name}",
+        parameters=tuple(parameters) + extra,
+        contract=inner.contract,
+        pretty_name=f"NAN + {inner.pretty_name or inner.name}",
+        reference_url=PAPER_URL,
+        optional_tensor_policy=inner.optional_tensor_policy,
+        uses_accelerator=inner.uses_accelerator,
+    )
+
+
 class NanMergeMethod(GroupMergeMethod):
     """`nan_<wrapped>`: the wrapped method, with NAN choosing each model's weight."""
 
     def __init__(self, wrapped: GroupMergeMethod):
         self.wrapped = wrapped
-        inner = wrapped.spec
-        parameters = [
-            replace(p, default=1.0) if p.name == "weight" else p
-            for p in inner.parameters
-        ]
-        parameters += [
-            ParameterSpec(
-                "temperature",
-                Temperature,
-                ParameterScope.SHARED,
-                default=1.0,
-                description="NAN softmax temperature: alpha_i ∝ norm_i^(-1/T)",
-            ),
+        self.spec = _nan_spec(
+            wrapped.spec,
             ParameterSpec(
                 "granularity",
                 Literal["tensor", "layer", "model"],
@@ -106,15 +118,6 @@ class NanMergeMethod(GroupMergeMethod):
                 default="delta",
                 description="norm of the task delta (default) or of the fine-tuned weights themselves",
             ),
-        ]
-        self.spec = MergeMethodSpec(
-            name=f"nan_{inner.name}",
-            parameters=tuple(parameters),
-            contract=inner.contract,
-            pretty_name=f"NAN + {inner.pretty_name or inner.name}",
-            reference_url=PAPER_URL,
-            optional_tensor_policy=inner.optional_tensor_policy,
-            uses_accelerator=inner.uses_accelerator,
         )
 
     def validate_inputs(
@@ -137,6 +140,7 @@ class NanMergeMethod(GroupMergeMethod):
         tuned = group.non_base
         if base is None:  # direct API callers can get here without a base
             raise ValueError(f"{self.spec.name} needs a base input for tensor {name}")
+        shared = tuple(sorted((k, v) for k, v in parameters.items() if not isinstance(v, PerInputValues)))
         temperature = parameters.pop("temperature")
         granularity = parameters.pop("granularity")
         norm_of = parameters.pop("norm_of")
@@ -167,18 +171,7 @@ class NanMergeMethod(GroupMergeMethod):
                 coefficients=chosen.coefficients,
                 priors=tuple(priors),
                 weights=chosen.weights,
-                parameters=tuple(
-                    sorted(
-                        (key, value)
-                        for key, value in [
-                            ("temperature", temperature),
-                            ("granularity", granularity),
-                            ("norm_of", norm_of),
-                            *parameters.items(),
-                        ]
-                        if not isinstance(value, PerInputValues)
-                    )
-                ),
+                parameters=shared,
             )
         )
 
@@ -192,7 +185,6 @@ class NanMergeMethod(GroupMergeMethod):
         return self.wrapped.merge_group(
             replace(group, entries=(base, *taking_part)), **parameters
         )
-
 
     @staticmethod
     def _coefficient_norms(group, delta_norms_, granularity, norm_of):
@@ -225,20 +217,7 @@ class NanLinearMerge(GroupMergeMethod):
 
     def __init__(self, wrapped):
         self.wrapped = wrapped
-        inner = wrapped.spec
-        parameters = [replace(p, default=1.0) if p.name == "weight" else p for p in inner.parameters]
-        parameters.append(
-            ParameterSpec("temperature", Temperature, ParameterScope.SHARED, default=1.0)
-        )
-        self.spec = MergeMethodSpec(
-            name=f"nan_{inner.name}",
-            parameters=tuple(parameters),
-            contract=inner.contract,
-            pretty_name=f"NAN + {inner.pretty_name or inner.name}",
-            reference_url=PAPER_URL,
-            optional_tensor_policy=inner.optional_tensor_policy,
-            uses_accelerator=inner.uses_accelerator,
-        )
+        self.spec = _nan_spec(wrapped.spec)
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         name = group.metadata.name or "<unnamed tensor>"
