@@ -74,7 +74,9 @@ def run_merge(config: Path, out: Path, log: Path, extra: list[str],
               env: dict) -> tuple[float, float, int]:
     """Run mergekit-yaml once; return (wall s, CPU s = user+sys, peak RSS MiB)."""
     shutil.rmtree(out, ignore_errors=True)
-    exe = shutil.which("mergekit-yaml") or "mergekit-yaml"
+    # The mergekit-yaml of this interpreter's environment, activated or not.
+    beside = Path(sys.executable).parent / "mergekit-yaml"
+    exe = str(beside) if beside.exists() else shutil.which("mergekit-yaml") or "mergekit-yaml"
     cmd = [exe, str(config), str(out), "--quiet", *extra]
     with open(log, "w") as fh:
         t0 = time.perf_counter()
