@@ -152,7 +152,7 @@ def write_outputs(document: Dict[str, Any], out_dir: str) -> List[str]:
     return written
 
 
-def write_heatmap(document: Dict[str, Any], path: str, quiet: bool = False) -> Optional[str]:
+def write_heatmap(document: Dict[str, Any], path: str) -> Optional[str]:
     """Layers x models, one panel per tensor type; None (with a hint) without matplotlib."""
     try:
         import matplotlib
@@ -160,8 +160,7 @@ def write_heatmap(document: Dict[str, Any], path: str, quiet: bool = False) -> O
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        if not quiet:
-            print("hint: pip install 'mergekit-nan[plot]' for a heatmap of the coefficients")
+        print("hint: pip install 'mergekit-nan[plot]' for a heatmap of the coefficients")
         return None
     table = [r for r in rows(document) if r["layer"] != "other"]
     kinds = sorted({kind_of(r["name"]) for r in table})

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import replace
 from typing import Any, Hashable, Literal, Optional, Sequence
 
@@ -303,7 +302,7 @@ def _record_merges_to_disk() -> None:
         records = record.stop(getattr(self, "_nan_records", None))
         if records:
             record.write(records, self.out_path)
-            _extend_next_model_card(record.to_json(records), self.out_path)
+            _extend_next_model_card(record.to_json(records))
 
     writer.__init__, writer.finalize = __init__, finalize
     writer._nan_recording = True
@@ -312,7 +311,7 @@ def _record_merges_to_disk() -> None:
 _pending_card_section = None
 
 
-def _extend_next_model_card(document, out_path) -> None:
+def _extend_next_model_card(document) -> None:
     """Append a NAN section to the card run_merge writes right after the tensors.
 
     run_merge binds generate_card when mergekit.merge is imported, so wrap it there,
@@ -321,13 +320,12 @@ def _extend_next_model_card(document, out_path) -> None:
     global _pending_card_section
     import sys
 
-    from mergekit_nan.inspect import write_heatmap
-
     merge_module = sys.modules.get("mergekit.merge")
     if merge_module is None:
         return
-    heatmap = write_heatmap(document, os.path.join(out_path, "nan_coefficients.png"), quiet=True)
-    _pending_card_section = record.card_section(document, heatmap and os.path.basename(heatmap))
+    # No heatmap here: importing matplotlib and drawing costs ~2 s per merge;
+    # `mergekit-nan inspect --out` draws it on request.
+    _pending_card_section = record.card_section(document)
     original = merge_module.generate_card
     if getattr(original, "_nan_card", False):
         return

@@ -144,7 +144,7 @@ def model_summary(document: Dict[str, Any]) -> List[Dict[str, Any]]:
     return rows
 
 
-def card_section(document: Dict[str, Any], heatmap: Optional[str] = None) -> str:
+def card_section(document: Dict[str, Any]) -> str:
     """Markdown for the model card: NAN's settings and each model's mean coefficient."""
     settings = ", ".join(f"`{k}: {v}`" for k, v in document["parameters"].items()
                          if k in ("temperature", "granularity", "norm_of", "lambda"))
@@ -161,6 +161,5 @@ def card_section(document: Dict[str, Any], heatmap: Optional[str] = None) -> str
     ]
     for row in model_summary(document):
         lines.append(f"| {row['model']} | {row['mean_coefficient']:.3f} | {row['min_coefficient']:.3f} | {row['max_coefficient']:.3f} |")
-    if heatmap:
-        lines += ["", f"![NAN coefficients per layer and model]({heatmap})"]
+    lines += ["", "`mergekit-nan inspect CONFIG --out DIR` draws a heatmap of them per layer and tensor type."]
     return "\n".join(lines) + "\n"
