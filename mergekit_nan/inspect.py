@@ -11,7 +11,6 @@ tensors.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 from typing import Any, Dict, List, Optional
@@ -136,10 +135,7 @@ def write_outputs(document: Dict[str, Any], out_dir: str) -> List[str]:
     """coefficients.json, coefficients.csv and, with matplotlib, coefficients.png."""
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    path = os.path.join(out_dir, "coefficients.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(document, handle, indent=1, allow_nan=False)
-    written.append(path)
+    written.append(record.write(document, os.path.join(out_dir, "coefficients.json")))
     path = os.path.join(out_dir, "coefficients.csv")
     with open(path, "w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["name", "layer", "model", "norm", "coefficient", "weight"])

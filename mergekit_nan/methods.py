@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import replace
 from typing import Any, Hashable, Literal, Optional, Sequence
 
@@ -301,8 +302,9 @@ def _record_merges_to_disk() -> None:
         original_finalize(self)
         records = record.stop(getattr(self, "_nan_records", None))
         if records:
-            record.write(records, self.out_path)
-            _extend_next_model_card(record.to_json(records))
+            document = record.to_json(records)
+            record.write(document, os.path.join(self.out_path, record.RECORD_FILENAME))
+            _extend_next_model_card(document)
 
     writer.__init__, writer.finalize = __init__, finalize
     writer._nan_recording = True

@@ -83,6 +83,8 @@ def _load(model, name: str, aliases: Tuple[str, ...], dtype, device) -> Optional
 def _compute(base, models, granularity, norm_of, dtype, device) -> Norms:
     import tqdm
 
+    from mergekit_nan.methods import adapter_norm  # methods imports this module
+
     groups = tensor_groups(base, granularity)
     sums: Dict[str, list] = {}
     members: Dict[str, list] = {}
@@ -95,8 +97,6 @@ def _compute(base, models, granularity, norm_of, dtype, device) -> Norms:
         if norm_of == "weights":
             norms = iter(weight_norms(present))
         else:
-            from mergekit_nan.methods import adapter_norm
-
             measured = delta_norms(base_tensor, present).delta_norms
             present_models = [m for m, t in zip(models, tuned) if t is not None and t.shape == base_tensor.shape]
             norms = iter(n if (a := adapter_norm(m, name)) is None else a for m, n in zip(present_models, measured))

@@ -112,11 +112,10 @@ def to_json(records: List[TensorRecord]) -> Dict[str, Any]:
     }
 
 
-def write(records: List[TensorRecord], out_dir: str) -> str:
-    """Write the record atomically into `out_dir`; returns its path."""
-    path = os.path.join(out_dir, RECORD_FILENAME)
+def write(document: Dict[str, Any], path: str) -> str:
+    """Write a record document (see to_json) atomically to `path`; returns the path."""
     partial = path + ".partial"
-    document = to_json(records)
+    document = dict(document)
     tensors = document.pop("tensors")
     head = json.dumps(document, indent=1, allow_nan=False)
     # One line per tensor keeps a 1000-tensor record readable with grep and diff.
