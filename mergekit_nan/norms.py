@@ -81,7 +81,7 @@ def weight_norms(tensors: Sequence[torch.Tensor], chunk: int = 0) -> Tuple[float
 
 def _rescued(flat: torch.Tensor, total: float, chunk: int) -> float:
     """A float32 sum of squares of `flat`, recomputed in float64 where it is unsafe."""
-    if total == 0 or _SAFE_SUMSQ[0] <= total <= _SAFE_SUMSQ[1]:
+    if _SAFE_SUMSQ[0] <= total <= _SAFE_SUMSQ[1] or (total == 0 and not flat.any()):
         return total
     return _sums_of_squares(flat, [], chunk, torch.float64)[0]
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mergekit_nan.norms import delta_norms
+from mergekit_nan.norms import delta_norms, weight_norms
 
 
 def reference(base, tuned):
@@ -54,9 +54,18 @@ def test_fp16_squares_that_overflow_fp16_are_exact():
 def test_tiny_deltas_are_not_lost_to_underflow():
     # float32 squares of 1e-30 underflow to 0; the float64 rescue keeps the norm.
     tiny = delta_norms(torch.zeros(100), [torch.full((100,), 1e-30)])
-    assert tiny.delta_norms[0] == pytest.approx(1e-29, rel=1e-6)
+    assert tiny.delta_norms[0] == pytest.approx(1e-29, rel=1e-6, abs=0)
     unchanged = delta_norms(torch.ones(100), [torch.ones(100)])
     assert unchanged.delta_norms[0] == 0.0
+
+
+def test_tiny_base_and_weights_are_not_lost_to_underflow():
+    # a base whose float32 squares all underflow is not an all-zero base (abs=0: approx
+    # would otherwise accept 0.0 for any value below 1e-12)
+    tiny = torch.full((100,), 1e-24)
+    assert delta_norms(tiny, [tiny * 2]).base_norm == pytest.approx(1e-23, rel=1e-6, abs=0)
+    assert weight_norms([tiny])[0] == pytest.approx(1e-23, rel=1e-6, abs=0)
+    assert delta_norms(torch.zeros(100), [torch.zeros(100)]).base_norm == 0.0
 
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
