@@ -1,11 +1,14 @@
 """Merge the cached fine-tunes with mergekit-yaml and score every task.
 
-    python run.py            # full table (fine-tunes first if not cached)
-    python run.py --smoke    # ~1 minute: tiny data, few steps, two merges
+    python run.py --threads 2   # full tables (fine-tunes first if not cached)
+    python run.py --smoke       # ~1 minute: tiny data, few steps, a few merges
 
-Writes results/results.md, results/results.json, results/per_task.png and the
-mergekit configs (results/configs/).  Merged models go to work/ and are deleted
-after scoring.  Rows whose merge method mergekit does not know are skipped.
+Main rows (every stock method, and its NAN version at T=1) run on every
+fine-tuning seed; the ablation rows (other temperatures, layer and model
+granularity) run on the first seed.  DARE's drop seed is the fine-tuning seed.
+Writes results/results.md, results/results.json, results/per_task.png, hits.pt
+and the mergekit configs (results/configs/).  Merged models go to work/ and are
+deleted after scoring.  Rows whose merge method mergekit does not know are skipped.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ METHODS = {
     "dare_ties": {"model": {"weight": 0.3, "density": 0.5}, "global": {}},
 }
 RANDOMIZED = {"dare_ties"}
+GRANULARITIES = ["layer", "model"]  # ablations beside the default "tensor"
 GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0]
 
 
@@ -90,55 +94,48 @@ def run_mergekit(config: Path, out_dir: Path, seed: int | None, threads: int) ->
     return time.time() - t0
 
 
-class Bench:
-    def __init__(self, args):
-        self.args = args
-        self.root = (args.cache / "smoke" if args.smoke else args.cache) / f"seed{args.seed}"
+class SeedRun:
+    """Every row for one fine-tuning seed: hits per row name, plus row details."""
+
+    def __init__(self, args, seed: int):
+        self.args, self.seed = args, seed
+        self.root = (args.cache / "smoke" if args.smoke else args.cache) / f"seed{seed}"
         self.meta = json.loads((self.root / "meta.json").read_text())
         self.tasks = sorted(self.meta["tasks"], key=lambda t: -self.meta["tasks"][t]["n_train"])
         self.base = self.root / "models" / "base"
         self.models = [self.root / "models" / t for t in self.tasks]
-        self.out = args.out
-        self.work = args.work
-        self.rows: list[dict] = []
         self.hits: dict[str, dict[str, torch.Tensor]] = {}
+        self.info: dict[str, dict] = {}
         t0 = time.time()
-        self.test = Evaluator(self.root, "test", self.tasks)
+        self.test = Evaluator(self.root, "test", self.tasks, limit=args.test_per_task)
         self.val = Evaluator(self.root, "val", self.tasks)
-        print(f"tokenised eval sets in {time.time() - t0:.0f}s", flush=True)
+        print(f"seed {seed}: tokenised eval sets in {time.time() - t0:.0f}s", flush=True)
 
     def add(self, name, hits, **info):
         self.hits[name] = hits
-        row = {"name": name, **info, "scores": summarize(hits)}
-        self.rows.append(row)
-        avg = row["scores"]["avg"]
-        print(f"{name:34s} avg {100 * avg['acc']:6.2f} ±{50 * (avg['hi'] - avg['lo']):.2f}  "
-              + " ".join(f"{t}={100 * row['scores'][t]['acc']:.1f}" for t in self.tasks)
+        self.info[name] = info
+        avg = summarize(hits)["avg"]
+        print(f"[seed {self.seed}] {name:36s} avg {100 * avg['acc']:6.2f}  "
+              + " ".join(f"{t}={100 * hits[t].float().mean().item():.1f}" for t in self.tasks)
               + f"  ({info.get('seconds', 0):.0f}s)", flush=True)
 
-    def merge_row(self, name, method, model_params, global_params, seeds=(None,),
-                  keep=False, **info):
-        """Run mergekit-yaml once per seed; hits are averaged over seeds."""
-        per_seed, merge_s, eval_s = [], 0.0, 0.0
-        for seed in seeds:
-            tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
-            config = self.out / "configs" / f"{tag}.yml"
-            write_config(config, method, self.base, self.models, model_params, global_params)
-            out_dir = self.work / tag
-            merge_s += run_mergekit(config, out_dir, seed, self.args.threads)
-            t0 = time.time()
-            per_seed.append(self.test.score(out_dir))
-            eval_s += time.time() - t0
-            if not (self.args.keep or keep):
-                shutil.rmtree(out_dir, ignore_errors=True)
-        hits = {t: torch.stack([h[t].float() for h in per_seed]).mean(0) for t in self.tasks}
+    def merge_row(self, name, method, model_params, global_params, keep=False, **info):
+        tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+        config = self.args.out / "configs" / f"{tag}.yml"
+        write_config(config, method, self.base, self.models, model_params, global_params)
+        out_dir = self.args.work / f"seed{self.seed}-{tag}"
+        drop_seed = self.seed if method.removeprefix("nan_") in RANDOMIZED else None
+        merge_s = run_mergekit(config, out_dir, drop_seed, self.args.threads)
+        t0 = time.time()
+        hits = self.test.score(out_dir)
+        eval_s = time.time() - t0
+        if not (self.args.keep or keep):
+            shutil.rmtree(out_dir, ignore_errors=True)
         self.add(name, hits, method=method, model_params=model_params,
-                 global_params=global_params, seeds=[s for s in seeds if s is not None],
-                 merge_seconds=round(merge_s, 1), eval_seconds=round(eval_s, 1),
-                 seconds=merge_s + eval_s, **info)
+                 global_params=global_params, merge_seconds=round(merge_s, 1),
+                 eval_seconds=round(eval_s, 1), seconds=merge_s + eval_s, **info)
         return out_dir
 
-    # ------------------------------------------------------------ rows
     def reference_rows(self):
         t0 = time.time()
         self.add("pretrained (fine-tuned heads)", self.test.score(self.base),
@@ -171,8 +168,8 @@ class Bench:
         print("lambda grid (val avg): "
               + ", ".join(f"{k}:{100 * v:.1f}" for k, v in val_curve.items()))
         out_dir = self.merge_row(
-            f"task_arithmetic, lambda*={best:g} (val grid)", "task_arithmetic",
-            {"weight": best}, {}, keep=True, lambda_star=best, search_seconds=round(search_s, 1),
+            GRID_ROW, "task_arithmetic", {"weight": best}, {}, keep=True, lambda_star=best,
+            search_seconds=round(search_s, 1),
             val_curve={f"{k:g}": v for k, v in val_curve.items()})
         # sanity: mergekit's output is the in-process base + lambda * sum(deltas)
         merged = load_file(str(out_dir / "model.safetensors"))
@@ -181,8 +178,30 @@ class Bench:
         if not self.args.keep:
             shutil.rmtree(out_dir, ignore_errors=True)
         print(f"grid check: max |mergekit - in-process| = {diff:.2e}")
-        self.rows[-1]["grid_max_abs_diff_vs_mergekit"] = diff
-        self.rows[-1]["grid_matches_mergekit"] = diff < 1e-4
+        self.info[GRID_ROW]["grid_max_abs_diff_vs_mergekit"] = diff
+
+    def method_rows(self, method, known, temperatures, granularities, skipped):
+        spec = METHODS[method]
+        self.merge_row(method, method, spec["model"], spec["global"])
+        nan = nan_name(method)
+        if nan not in known:
+            skipped.append(f"{nan}: not registered in mergekit (install mergekit-nan)")
+            return
+        # T=1 at tensor granularity is NAN's default; the rest are ablations
+        variants = [(f"{nan} T={t:g}", {"temperature": t}, t != 1.0) for t in temperatures]
+        variants += [(f"{nan} T=1 granularity={g}", {"temperature": 1.0, "granularity": g}, True)
+                     for g in granularities]
+        for name, extra, ablation in variants:
+            try:
+                self.merge_row(name, nan, spec["model"], dict(spec["global"], **extra),
+                               stock=method, ablation=ablation, **extra)
+            except RuntimeError as err:
+                skipped.append(f"seed {self.seed} {name}: mergekit failed: "
+                               f"{str(err).strip().splitlines()[-1]}")
+                print("skip:", skipped[-1])
+
+
+GRID_ROW = "task_arithmetic, λ from val grid"
 
 
 def nan_name(method: str) -> str:
@@ -192,10 +211,14 @@ def nan_name(method: str) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", type=Path, default=finetune.DEFAULT_CACHE)
-    ap.add_argument("--seed", type=int, default=0, help="fine-tuning seed")
-    ap.add_argument("--dare-seeds", type=int, nargs="*", default=[0, 1])
-    ap.add_argument("--temperatures", type=float, nargs="*", default=[0.5, 1.0, 2.0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="fine-tuning seeds (main rows on each, ablations on the first)")
+    ap.add_argument("--temperatures", type=float, nargs="*", default=[0.5, 2.0],
+                    help="ablation temperatures besides T=1")
+    ap.add_argument("--granularities", nargs="*", default=GRANULARITIES)
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--test-per-task", type=int, default=1000,
+                    help="test examples per task (a random subset of the 2000 held out)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--work", type=Path, default=HERE / "work")
     ap.add_argument("--threads", type=int, default=1)
@@ -209,41 +232,31 @@ def main(argv=None):
     t_start = time.time()
     if args.smoke:
         args.out = args.out / "smoke"
-        args.methods, args.temperatures, args.dare_seeds = ["task_arithmetic"], [1.0], [0]
+        args.seeds, args.methods, args.temperatures = args.seeds[:1], ["task_arithmetic"], []
+        args.granularities = ["model"]
     grid = [0.2, 0.5] if args.smoke else GRID
 
-    # fine-tunes (no-op when cached)
-    ft_args = ["--cache", str(args.cache), "--seed", str(args.seed), "--threads", str(args.threads)]
-    finetune.main(ft_args + (["--smoke"] if args.smoke else []))
-    t_ft = time.time() - t_start
-
     known = registered_methods()
-    bench = Bench(args)
-    skipped = []
-    bench.reference_rows()
-    bench.grid_row(grid)  # listed last in the table
-    for method in args.methods:
-        spec = METHODS[method]
-        seeds = args.dare_seeds if method in RANDOMIZED else [None]
-        bench.merge_row(method, method, spec["model"], spec["global"], seeds=seeds)
-        if nan_name(method) not in known:
-            skipped.append(f"{nan_name(method)}: not registered in mergekit (install mergekit-nan)")
-            print("skip:", skipped[-1])
-            continue
-        for temp in args.temperatures:
-            params = dict(spec["global"], temperature=temp)
-            try:
-                bench.merge_row(f"{nan_name(method)} T={temp:g}", nan_name(method), spec["model"],
-                                params, seeds=seeds, stock=method, temperature=temp)
-            except RuntimeError as err:
-                skipped.append(f"{nan_name(method)} T={temp:g}: mergekit failed: "
-                               f"{str(err).strip().splitlines()[-1]}")
-                print("skip:", skipped[-1])
+    runs, skipped, t_ft = [], [], 0.0
+    for i, seed in enumerate(args.seeds):
+        t0 = time.time()  # fine-tunes (a no-op when cached)
+        finetune.main(["--cache", str(args.cache), "--seed", str(seed),
+                       "--threads", str(args.threads)] + (["--smoke"] if args.smoke else []))
+        t_ft += time.time() - t0
+        run = SeedRun(args, seed)
+        run.reference_rows()
+        for method in args.methods:
+            first = i == 0
+            temps = [1.0] + [t for t in args.temperatures if first and t != 1.0]
+            run.method_rows(method, known, temps,
+                            args.granularities if first else [], skipped)
+        run.grid_row(grid)
+        runs.append(run)
 
     total = time.time() - t_start
     from report import write_report
-    write_report(bench, skipped, {"finetune_or_cache_seconds": round(t_ft, 1),
-                                  "total_seconds": round(total, 1)})
+    write_report(runs, args, skipped, {"finetune_or_cache_seconds": round(t_ft, 1),
+                                       "total_seconds": round(total, 1)})
     print(f"done in {total:.0f}s (fine-tune/cache check {t_ft:.0f}s); wrote {args.out}")
 
 
