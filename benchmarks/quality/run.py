@@ -120,8 +120,8 @@ class SeedRun:
               + f"  ({info.get('seconds', 0):.0f}s)", flush=True)
 
     def merge_row(self, name, method, model_params, global_params, keep=False, **info):
-        tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
-        config = self.args.out / "configs" / f"{tag}.yml"
+        tag = "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "_" for c in name)
+        config = self.args.out / "configs" / f"seed{self.seed}" / f"{tag}.yml"
         write_config(config, method, self.base, self.models, model_params, global_params)
         out_dir = self.args.work / f"seed{self.seed}-{tag}"
         drop_seed = self.seed if method.removeprefix("nan_") in RANDOMIZED else None
@@ -236,6 +236,7 @@ def main(argv=None):
         args.granularities = ["model"]
     grid = [0.2, 0.5] if args.smoke else GRID
 
+    shutil.rmtree(args.out / "configs", ignore_errors=True)  # only this run's configs remain
     known = registered_methods()
     runs, skipped, t_ft = [], [], 0.0
     for i, seed in enumerate(args.seeds):
