@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -91,11 +91,16 @@ def _sums_of_squares(
     tuned: Sequence[torch.Tensor],
     chunk: int,
     dtype: torch.dtype,
+    on_cpu: Optional[bool] = None,
 ) -> list:
-    """[sum(base^2), sum((t_1 - base)^2), ...] over flat tensors, slice by slice."""
+    """[sum(base^2), sum((t_1 - base)^2), ...] over flat tensors, slice by slice.
+
+    `on_cpu` picks the host-side (CPU) or device-side (accelerator) accumulation;
+    it follows the tensors' device unless a test forces the other path.
+    """
     count = base.numel()
     device = base.device
-    on_cpu = device.type == "cpu"
+    on_cpu = device.type == "cpu" if on_cpu is None else on_cpu
     chunk = min(count, chunk or (CPU_CHUNK if on_cpu else ACCELERATOR_CHUNK)) or 1
     base_slice = torch.empty(chunk, dtype=dtype, device=device)
     work = torch.empty(chunk, dtype=dtype, device=device)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from mergekit_nan import norms
 from mergekit_nan.norms import delta_norms, weight_norms
 
 
@@ -83,3 +84,17 @@ def test_non_contiguous_inputs():
     base = torch.randn(64, 48)
     tuned = [base + 0.5 * torch.randn(48, 64).t()]
     assert delta_norms(base.t().contiguous().t(), tuned).delta_norms[0] == pytest.approx(reference(base, tuned)[1][0], rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 10])
+def test_device_side_accumulation_matches_host_side(chunk):
+    # The accelerator path (sums kept on the device, one sync at the end) runs here
+    # on CPU tensors: no GPU is needed to check its arithmetic.
+    base = torch.randn(5000, dtype=torch.float64).to(torch.bfloat16)
+    tuned = [(base.double() + 0.01 * (i + 1) * torch.randn(5000, dtype=torch.float64)).to(torch.bfloat16)
+             for i in range(3)]
+    host = norms._sums_of_squares(base, tuned, chunk, torch.float32, on_cpu=True)
+    device = norms._sums_of_squares(base, tuned, chunk, torch.float32, on_cpu=False)
+    want = [(base.double() ** 2).sum().item()] + [((t.double() - base.double()) ** 2).sum().item() for t in tuned]
+    assert device == pytest.approx(want, rel=1e-6, abs=0)
+    assert device == pytest.approx(host, rel=1e-6, abs=0)
