@@ -3,8 +3,8 @@
 The naive `(tuned.float() - base.float()).norm()` allocates two float32 copies of
 every tensor (2.5 GB each for a 152k x 4096 embedding) and runs at memory-allocator
 speed. Here each tensor is walked in slices: a slice of the base is converted to
-float32 once into a reused scratch buffer, each model's slice is subtracted from it
-into a second one (converted on the fly, no separate copy), squared in place and summed (torch's cascade sum keeps the
+float32 once into a reused scratch buffer, each model's slice is converted into a
+second one (float32 input is subtracted straight into it), subtracted, squared in place and summed (torch's cascade sum keeps the
 relative error near 1e-8). Per-slice sums are accumulated in float64, so scratch
 memory is two slices whatever the tensor size.
 
@@ -116,8 +116,11 @@ def _sums_of_squares(
         d = work[: stop - start]
         partial = [torch.mul(b, b, out=d).sum()]
         for tensor in tuned:
-            # sub promotes to the scratch dtype before subtracting: one pass, no copy
-            partial.append(torch.sub(tensor[start:stop], b, out=d).square_().sum())
+            if tensor.dtype == dtype:  # nothing to convert: subtract straight into the scratch
+                torch.sub(tensor[start:stop], b, out=d)
+            else:  # a plain convert-copy then sub beats a mixed-dtype sub (measured, bf16)
+                d.copy_(tensor[start:stop]).sub_(b)
+            partial.append(d.square_().sum())
         if on_cpu:
             for index, value in enumerate(partial):
                 totals[index] += value.item()
