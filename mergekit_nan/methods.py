@@ -68,10 +68,13 @@ def dry_run(adapter_norms=None):
         _dry_run, _adapter_norms = False, {}
 
 
-def adapter_norm(model, name):
-    """A dry run's adapter norm for (model, tensor); None where the delta is measured."""
-    norms = _adapter_norms.get(model)
-    return None if norms is None else norms.get(name, 0.0)
+def with_adapter_norms(models, name, measured):
+    """`measured` delta norms of tensor `name`, each replaced by a dry run's adapter
+    norm where that model is an adapter read from its files (0.0 if it lacks `name`)."""
+    return tuple(
+        n if (norms := _adapter_norms.get(model)) is None else norms.get(name, 0.0)
+        for model, n in zip(models, measured)
+    )
 
 
 def _nan_spec(inner: MergeMethodSpec, *extra: ParameterSpec) -> MergeMethodSpec:
@@ -150,10 +153,8 @@ class NanMergeMethod(GroupMergeMethod):
         with torch.no_grad():
             measured = delta_norms(base.tensor, [entry.tensor for entry in tuned])
         if _adapter_norms:
-            measured = replace(measured, delta_norms=tuple(
-                n if (a := adapter_norm(e.id, name)) is None else a
-                for e, n in zip(tuned, measured.delta_norms)
-            ))
+            measured = replace(measured, delta_norms=with_adapter_norms(
+                [e.id for e in tuned], name, measured.delta_norms))
         _refuse_non_finite(name, base, tuned, measured.base_norm, measured.delta_norms)
         # Whether a model takes part is always decided on this tensor's own delta.
         taking = takes_part(measured.delta_norms, measured.base_norm)

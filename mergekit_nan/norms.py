@@ -4,9 +4,10 @@ The naive `(tuned.float() - base.float()).norm()` allocates two float32 copies o
 every tensor (2.5 GB each for a 152k x 4096 embedding) and runs at memory-allocator
 speed. Here each tensor is walked in slices: a slice of the base is converted to
 float32 once into a reused scratch buffer, each model's slice is converted into a
-second one (float32 input is subtracted straight into it), subtracted, squared in place and summed (torch's cascade sum keeps the
-relative error near 1e-8). Per-slice sums are accumulated in float64, so scratch
-memory is two slices whatever the tensor size.
+second one and the base subtracted (float32 input is subtracted straight into it),
+then squared in place and summed (torch's cascade sum keeps the relative error near
+1e-8). Per-slice sums are accumulated in float64, so scratch memory is two slices
+whatever the tensor size.
 
 float32 sums of squares can overflow (bf16 holds values up to 3e38) or underflow
 (deltas below ~1e-19). Those rare tensors are recomputed in float64, which covers

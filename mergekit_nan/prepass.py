@@ -83,7 +83,7 @@ def _load(model, name: str, aliases: Tuple[str, ...], dtype, device) -> Optional
 def _compute(base, models, granularity, norm_of, dtype, device) -> Norms:
     import tqdm
 
-    from mergekit_nan.methods import adapter_norm  # methods imports this module
+    from mergekit_nan.methods import with_adapter_norms  # methods imports this module
 
     groups = tensor_groups(base, granularity)
     sums: Dict[str, list] = {}
@@ -93,19 +93,19 @@ def _compute(base, models, granularity, norm_of, dtype, device) -> Norms:
         if base_tensor is None:
             continue
         tuned = [_load(model, name, aliases, dtype, device) for model in models]
-        present = [t for t in tuned if t is not None and t.shape == base_tensor.shape]
+        # models whose tensor exists and matches the base's shape
+        present = [i for i, t in enumerate(tuned) if t is not None and t.shape == base_tensor.shape]
+        tensors = [tuned[i] for i in present]
         if norm_of == "weights":
-            norms = iter(weight_norms(present))
+            norms = weight_norms(tensors)
         else:
-            measured = delta_norms(base_tensor, present).delta_norms
-            present_models = [m for m, t in zip(models, tuned) if t is not None and t.shape == base_tensor.shape]
-            norms = iter(n if (a := adapter_norm(m, name)) is None else a for m, n in zip(present_models, measured))
+            measured = delta_norms(base_tensor, tensors).delta_norms
+            norms = with_adapter_norms([models[i] for i in present], name, measured)
         totals = sums.setdefault(label, [0.0] * len(models))
-        for index, tensor in enumerate(tuned):
-            if tensor is not None and tensor.shape == base_tensor.shape:
-                totals[index] += next(norms) ** 2
+        for index, norm in zip(present, norms):
+            totals[index] += norm ** 2
         members.setdefault(label, []).append(name)
-        del base_tensor, tuned, present
+        del base_tensor, tuned, tensors
     return {
         name: tuple(math.sqrt(s) for s in sums[label])
         for label, names in members.items()
