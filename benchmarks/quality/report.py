@@ -49,6 +49,7 @@ def build_rows(runs):
     """Table rows as plain data: main (all seeds) and ablation (first seed)."""
     tasks, first = runs[0].tasks, runs[0]
     main, ablation = [], []
+    stock_names = {i["stock"] for i in first.info.values() if i.get("stock")}
     for name, info in first.info.items():
         if not info.get("ablation") and all(name in r.hits for r in runs):
             hits = _mean_hits(runs, name)
@@ -63,7 +64,7 @@ def build_rows(runs):
                 row["seed_diffs"] = [_diff(r.hits[name], r.hits[stock], tasks)["mean"]
                                      for r in runs]
             main.append(row)
-        if info.get("stock") or name in _stock_names(first):
+        if info.get("stock") or name in stock_names:
             hits = first.hits[name]
             row = {"name": name, "seeds": [first.seed], "scores": summarize(hits),
                    "info": [info]}
@@ -76,10 +77,6 @@ def build_rows(runs):
                     row["diff_vs_default"] = _diff(hits, first.hits[default], tasks)
             ablation.append(row)
     return main, ablation
-
-
-def _stock_names(run):
-    return {i["stock"] for i in run.info.values() if i.get("stock")}
 
 
 def write_report(runs, args, skipped: list[str], timing: dict) -> None:

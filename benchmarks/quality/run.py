@@ -246,11 +246,10 @@ def main(argv=None):
         t_ft += time.time() - t0
         run = SeedRun(args, seed)
         run.reference_rows()
+        first = i == 0  # ablations on the first seed only
+        temps = [1.0] + [t for t in args.temperatures if first and t != 1.0]
         for method in args.methods:
-            first = i == 0
-            temps = [1.0] + [t for t in args.temperatures if first and t != 1.0]
-            run.method_rows(method, known, temps,
-                            args.granularities if first else [], skipped)
+            run.method_rows(method, known, temps, args.granularities if first else [], skipped)
         run.grid_row(grid)
         runs.append(run)
 
