@@ -7,7 +7,10 @@ float32 once into a reused scratch buffer, each model's slice is converted into 
 second one and the base subtracted (float32 input is subtracted straight into it),
 then squared in place and summed (torch's cascade sum keeps the relative error near
 1e-8). Per-slice sums are accumulated in float64, so scratch memory is two slices
-whatever the tensor size.
+whatever the tensor size. On CPU the scratch is kept between calls (per thread): a
+fresh 4 MiB per tensor costs page faults whenever the allocator has handed it back
+to the OS (measured standalone: 90k faults, +0.1-0.2 s per pass over SmolLM2-135M
+and 3 fine-tunes).
 
 float32 sums of squares can overflow (bf16 holds values up to 3e38) or underflow
 (deltas below ~1e-19). Those rare tensors are recomputed in float64, which covers
@@ -17,6 +20,7 @@ every finite bf16/fp16/fp32 input.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -29,6 +33,9 @@ ACCELERATOR_CHUNK = 1 << 24
 
 # float32 sums outside this range may have lost precision or overflowed.
 _SAFE_SUMSQ = (1e-30, 1e30)
+
+# dtype -> a (2, CPU_CHUNK) scratch tensor, one per thread.
+_cpu_scratch = threading.local()
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,16 @@ def _rescued(flat: torch.Tensor, total: float, chunk: int) -> float:
     return _sums_of_squares(flat, [], chunk, torch.float64)[0]
 
 
+def _scratch(chunk: int, dtype: torch.dtype, device: torch.device):
+    """Two scratch slices; on CPU the same ones at each call (accelerator allocators cache anyway)."""
+    if device.type != "cpu" or chunk > CPU_CHUNK:
+        return torch.empty((2, chunk), dtype=dtype, device=device)
+    kept = _cpu_scratch.__dict__.setdefault("buffers", {})
+    if dtype not in kept:
+        kept[dtype] = torch.empty((2, CPU_CHUNK), dtype=dtype)
+    return kept[dtype][:, :chunk]
+
+
 def _sums_of_squares(
     base: torch.Tensor,
     tuned: Sequence[torch.Tensor],
@@ -103,8 +120,7 @@ def _sums_of_squares(
     device = base.device
     on_cpu = device.type == "cpu" if on_cpu is None else on_cpu
     chunk = min(count, chunk or (CPU_CHUNK if on_cpu else ACCELERATOR_CHUNK)) or 1
-    base_slice = torch.empty(chunk, dtype=dtype, device=device)
-    work = torch.empty(chunk, dtype=dtype, device=device)
+    base_slice, work = _scratch(chunk, dtype, device)
     if on_cpu:
         totals = [0.0] * (len(tuned) + 1)
     else:  # stay on the device: one host sync at the end, not one per slice

@@ -98,3 +98,33 @@ def test_device_side_accumulation_matches_host_side(chunk):
     want = [(base.double() ** 2).sum().item()] + [((t.double() - base.double()) ** 2).sum().item() for t in tuned]
     assert device == pytest.approx(want, rel=1e-6, abs=0)
     assert device == pytest.approx(host, rel=1e-6, abs=0)
+
+
+def test_threads_get_their_own_kept_scratch():
+    # The CPU scratch is kept between calls (no page faults per tensor); two threads
+    # norming at once must not write into each other's slices.
+    import threading
+
+    gen = torch.Generator().manual_seed(7)
+    jobs = []
+    for scale in (1e-3, 1.0):
+        base = torch.randn(1 << 20, generator=gen).to(torch.bfloat16)
+        tuned = [(base.float() + scale * torch.randn(base.shape, generator=gen)).to(torch.bfloat16)]
+        jobs.append((base, tuned, reference(base, tuned)[1][0]))
+    errors = []
+
+    def run(base, tuned, want):
+        for _ in range(20):
+            got = delta_norms(base, tuned).delta_norms[0]
+            if got != pytest.approx(want, rel=1e-6, abs=0):
+                errors.append((want, got))
+
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    same = norms._scratch(10, torch.float32, torch.device("cpu"))
+    again = norms._scratch(1000, torch.float32, torch.device("cpu"))
+    assert same.data_ptr() == again.data_ptr()  # kept, not reallocated
