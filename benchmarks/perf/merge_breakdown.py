@@ -19,6 +19,8 @@ estimate, but it is a difference of two noisy medians (clear for task arithmetic
 
   python benchmarks/perf/merge_breakdown.py                 # SmolLM2-135M, nan_task_arithmetic:task_arithmetic, 5 reps
   python benchmarks/perf/merge_breakdown.py --smoke         # tiny random LLaMA, 1 rep
+  python benchmarks/perf/merge_breakdown.py --fused-prototype --out benchmarks/perf/results_merge_breakdown_fused
+      # the same, NAN's bf16 norm step run by fused_bound.py's compiled C loop (needs cc; not shipped)
 """
 
 from __future__ import annotations
@@ -75,10 +77,10 @@ with open(out_json, "w") as fh:
 """
 
 
-def run_child(config: Path, out: Path, env: dict, log: Path) -> dict:
+def run_child(config: Path, out: Path, env: dict, log: Path, child: str = CHILD) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     timings = out.with_suffix(".timings.json")
-    cmd = [sys.executable, "-c", CHILD, str(timings), str(config), str(out), "--quiet"]
+    cmd = [sys.executable, "-c", child, str(timings), str(config), str(out), "--quiet"]
     start = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -123,7 +125,7 @@ def write_report(path: Path, info: dict, s: dict) -> None:
     lines = [
         f"# Merge breakdown: {s['a']} vs {s['b']}",
         "",
-        f"{info['model']}; {info['reps']} interleaved pairs; {info['date']}; git {info['git']}; "
+        f"{info['model']}; {info.get('variant', 'the plugin as shipped')}; {info['reps']} interleaved pairs; {info['date']}; git {info['git']}; "
         f"{info['cpu']}, {info['nproc']} CPUs, torch {info['versions']['torch']}. Medians in seconds.",
         "",
         f"| step | {s['a']} | {s['b']} |",
@@ -149,6 +151,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=HERE / "work" / "merge_breakdown")
     ap.add_argument("--out", type=Path, default=None, help="results path prefix (.md/.json)")
     ap.add_argument("--smoke", action="store_true", help="tiny random LLaMA, 1 rep")
+    ap.add_argument("--fused-prototype", action="store_true",
+                    help="run NAN's bf16 norm step through fused_bound.py's C loop (a what-if; needs cc)")
     args = ap.parse_args()
 
     a, b = args.methods.split(":")
@@ -167,6 +171,17 @@ def main() -> None:
         base, fts = make_smollm2.build(args.models)
         info["model"] = "SmolLM2-135M (dequantized GGUF) + 3 synthetic fine-tunes, bf16"
         out_prefix = args.out or RESULTS
+    child = CHILD
+    if args.fused_prototype:
+        import fused_bound
+
+        if fused_bound.build(work / "fused") is None:
+            raise SystemExit("--fused-prototype needs a C compiler (cc)")
+        info["variant"] = "NAN's bf16 norm step by fused_bound.py's compiled C loop (prototype, not shipped)"
+        child = CHILD.replace("from mergekit.scripts.run_yaml import main", (
+            f"import ctypes; sys.path.insert(0, {str(HERE)!r}); import fused_bound\n"
+            f"fused_bound.patch_norms(ctypes.CDLL({str(work / 'fused' / 'fused.so')!r}))\n"
+            "from mergekit.scripts.run_yaml import main"))
     env, _ = merge_cost.snapshot_plugin(tmp / "plugin-snapshot")
     merge_cost.warm_page_cache([base, *fts])
 
@@ -175,7 +190,7 @@ def main() -> None:
         (tmp / f"{m}.yaml").write_text(merge_cost.merge_yaml(m, base, fts))
     for rep in range(reps):
         for m in (a, b):
-            spent = run_child(tmp / f"{m}.yaml", tmp / "out", env, tmp / f"{m}.log")
+            spent = run_child(tmp / f"{m}.yaml", tmp / "out", env, tmp / f"{m}.log", child)
             runs[m].append(spent)
             print(f"rep {rep + 1}/{reps} {m:>22}: " + ", ".join(
                 f"{k} {v:.3f}" for k, v in sorted(spent.items())), flush=True)
