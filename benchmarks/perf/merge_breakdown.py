@@ -29,10 +29,8 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -78,15 +76,9 @@ with open(out_json, "w") as fh:
 
 
 def run_child(config: Path, out: Path, env: dict, log: Path, child: str = CHILD) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
     timings = out.with_suffix(".timings.json")
-    cmd = [sys.executable, "-c", child, str(timings), str(config), str(out), "--quiet"]
-    start = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        raise SystemExit(f"merge failed ({proc.returncode}); see {log}")
+    wall, _, _ = merge_cost.run_merge(config, out, log, [], env,
+                                      launcher=[sys.executable, "-c", child, str(timings)])
     spent = json.loads(timings.read_text())
     timings.unlink()
     spent["wall"] = wall

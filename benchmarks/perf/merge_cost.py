@@ -70,14 +70,19 @@ def merge_yaml(method: str, base: Path, finetunes: list[Path]) -> str:
     return json.dumps(cfg, indent=2)
 
 
-def run_merge(config: Path, out: Path, log: Path, extra: list[str],
-              env: dict) -> tuple[float, float, int]:
-    """Run mergekit-yaml once; return (wall s, CPU s = user+sys, peak RSS MiB)."""
+def run_merge(config: Path, out: Path, log: Path, extra: list[str], env: dict,
+              launcher: list[str] | None = None) -> tuple[float, float, int]:
+    """Run mergekit-yaml once; return (wall s, CPU s = user+sys, peak RSS MiB).
+
+    `launcher` replaces the mergekit-yaml executable (merge_breakdown.py runs its
+    entry point under timers); the config, output and options follow it.
+    """
     shutil.rmtree(out, ignore_errors=True)
-    # The mergekit-yaml of this interpreter's environment, activated or not.
-    beside = Path(sys.executable).parent / "mergekit-yaml"
-    exe = str(beside) if beside.exists() else shutil.which("mergekit-yaml") or "mergekit-yaml"
-    cmd = [exe, str(config), str(out), "--quiet", *extra]
+    if launcher is None:
+        # The mergekit-yaml of this interpreter's environment, activated or not.
+        beside = Path(sys.executable).parent / "mergekit-yaml"
+        launcher = [str(beside) if beside.exists() else shutil.which("mergekit-yaml") or "mergekit-yaml"]
+    cmd = [*launcher, str(config), str(out), "--quiet", *extra]
     with open(log, "w") as fh:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
