@@ -1,0 +1,96 @@
+"""Write mergekit configs and run the real `mergekit-yaml`, as a user would.
+
+One helper for the demo, the tests and the benchmarks. Standard library and PyYAML
+only: it knows nothing of NAN or of mergekit's Python API.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence, Union
+
+import yaml
+
+PathLike = Union[str, os.PathLike]
+
+
+def merge_config(
+    method: str,
+    models: Sequence[PathLike],
+    base: Optional[PathLike] = None,
+    model_parameters: Union[Mapping, Sequence[Mapping], None] = None,
+    parameters: Optional[Mapping] = None,
+    dtype: str = "float32",
+) -> dict:
+    """A mergekit config as a dict. Paths become absolute: mergekit reads a relative
+    `a/b` as a hub repository. `model_parameters` is one mapping for every model or one
+    per model."""
+    if model_parameters is None or isinstance(model_parameters, Mapping):
+        model_parameters = [model_parameters or {}] * len(models)
+    if len(model_parameters) != len(models):
+        raise ValueError(f"{len(models)} models but {len(model_parameters)} parameter sets")
+    config: dict = {"merge_method": method}
+    if base is not None:
+        config["base_model"] = os.path.abspath(base)
+    config["models"] = []
+    for model, own in zip(models, model_parameters):
+        entry: dict = {"model": os.path.abspath(model)}
+        if own:
+            entry["parameters"] = dict(own)
+        config["models"].append(entry)
+    if parameters:
+        config["parameters"] = dict(parameters)
+    config["dtype"] = dtype
+    return config
+
+
+def write_config(path: PathLike, config: Mapping) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def command_path(name: str = "mergekit-yaml") -> str:
+    """The console script of this interpreter's environment, activated or not."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name) or name
+
+
+def run_mergekit_yaml(
+    config: Union[PathLike, Mapping],
+    out: PathLike,
+    options: Iterable[str] = (),
+    *,
+    command: Union[str, Sequence[str]] = "mergekit-yaml",
+    threads: Optional[int] = None,
+    check: bool = True,
+    capture: bool = True,
+    clear: bool = False,
+) -> subprocess.CompletedProcess:
+    """Run `mergekit-yaml CONFIG OUT OPTIONS...` in a child process.
+
+    `config` is a path, or a mapping written beside `out` as `<out>.yml`. `command` is
+    a console-script name or a full command line standing for it. `threads` caps
+    torch's threads in the child. `clear` removes `out` first. With `check`, a failed
+    run raises RuntimeError carrying the end of its output.
+    """
+    out = Path(out)
+    if isinstance(config, Mapping):
+        config = write_config(out.with_name(out.name + ".yml"), config)
+    if clear:
+        shutil.rmtree(out, ignore_errors=True)
+    launcher = [command_path(command)] if isinstance(command, str) else list(command)
+    argv = [*launcher, str(config), str(out), *options]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    run = subprocess.run(argv, env=env, text=True, capture_output=capture)
+    if check and run.returncode != 0:
+        tail = (run.stderr or "")[-3000:] if capture else ""
+        raise RuntimeError(f"{' '.join(argv)} failed with exit code {run.returncode}\n{tail}")
+    return run
