@@ -1,22 +1,30 @@
 """NAN (norm-aware merging, arXiv 2505.16148) merge methods for mergekit.
 
 Importing this package registers `nan_task_arithmetic`, `nan_ties`, `nan_dare_ties`,
-`nan_dare_linear`, `nan_breadcrumbs`, `nan_breadcrumbs_ties`, `nan_della` and
-`nan_della_linear` with mergekit. After `pip install`, plain `mergekit-yaml` finds
-them without this import (see `_mergekit_nan_hook`).
+`nan_dare_linear`, `nan_breadcrumbs`, `nan_breadcrumbs_ties`, `nan_della`,
+`nan_della_linear` and `nan_linear` with mergekit (0.1.4 or 0.1.5) and hooks the
+record and model card into mergekit's merges. After `pip install`, plain
+`mergekit-yaml` finds them without this import (see `_mergekit_nan_hook`).
+
+Layout: `core` is NAN itself and imports no mergekit; `adapters` holds one module per
+mergekit method-API generation and `adapters.lifecycle`, the one place that patches
+mergekit's merge pipeline.
 """
 
-from mergekit_nan.coefficients import inverse_norm_softmax, nan_weights
-from mergekit_nan.methods import NanMergeMethod, register_methods
-from mergekit_nan.record import RECORD_FILENAME, recording
+from mergekit_nan.adapters import register_methods
+from mergekit_nan.adapters.lifecycle import install_when_loaded
+from mergekit_nan.core.coefficients import inverse_norm_softmax, nan_weights
+from mergekit_nan.core.record import RECORD_FILENAME
+from mergekit_nan.core.session import recording
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "NanMergeMethod",
     "RECORD_FILENAME",
     "inverse_norm_softmax",
     "nan_weights",
     "recording",
     "register_methods",
 ]
+
+install_when_loaded()

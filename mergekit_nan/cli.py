@@ -24,11 +24,12 @@ def main():
 
 @main.command()
 @click.option("--out", default="demo-out", show_default=True, help="where models, configs and merges go")
-def demo(out):
+@click.option("--seeds", default="0,1,2", show_default=True, help="comma-separated seeds, one full run each")
+def demo(out, seeds):
     """Build a tiny real example, merge it with ties and nan_ties, print coefficients and scores."""
     from mergekit_nan.demo import run_demo
 
-    run_demo(out)
+    run_demo(out, tuple(int(s) for s in seeds.split(",")))
 
 
 @main.command()

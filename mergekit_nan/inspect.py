@@ -15,63 +15,34 @@ import os
 import re
 from typing import Any, Dict, List, Optional
 
-from mergekit_nan import methods, prepass, record
+from mergekit_nan.adapters.lifecycle import check_merge_config, config_model_order, nan_method
+from mergekit_nan.adapters.mergekit_io import adapters_on_base, run_tensor_tasks
+from mergekit_nan.core import record
+from mergekit_nan.core.session import MergeSession, opened
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
 def inspect_config(merge_config, options) -> Dict[str, Any]:
-    """Return the coefficient record (as in nan_coefficients.json) for `merge_config`."""
-    from mergekit.architecture import get_architecture_info
-    from mergekit.graph import Executor
-    from mergekit.io.tasks import LoaderCache
-    from mergekit.merge import _model_out_config
-    from mergekit.plan import MergePlanner
+    """Return the coefficient record (as in nan_coefficients.json) for `merge_config`.
 
-    if not merge_config.merge_method.startswith("nan_"):
-        raise ValueError(f"inspect needs a nan_* merge method, not {merge_config.merge_method!r}")
-    prepass.clear()
-    arch_info = get_architecture_info(merge_config, options)
-    LoaderCache().setup(options=options)
-    adapters = _adapters_on_base(merge_config)  # before planning touches any loader
-    out_config = _model_out_config(merge_config, arch_info, trust_remote_code=options.trust_remote_code)
-    planner = MergePlanner(merge_config, arch_info, options=options, out_model_config=out_config)
-    # mergekit 0.1.5's plan_in_memory() cannot build its ReturnTensor tasks, so take
-    # the per-tensor merge tasks straight from the plan.
-    planner._plan()
-    executor = Executor(
-        targets=[task for _, task in planner._tensors],
-        math_device=options.device,
-        storage_device=options.device if options.low_cpu_memory else "cpu",
-    )
-    with record.recording() as records, methods.dry_run(adapters):
-        for _ in executor.run(quiet=options.quiet):
-            pass
-    return record.to_json(records)
-
-
-def _adapters_on_base(merge_config) -> Dict[Any, Dict[str, float]]:
-    """LoRA references on the merge's own base: their norms from the adapter files.
-
-    Their loaders are pointed at the base model, so mergekit never merges them into
-    a full model (no --lora-merge-cache entry); the NAN methods substitute the
-    adapter's ||s B A|| for the (zero) measured delta.
+    Fails where the merge would: the same config check, the same planning, the same
+    per-tensor NAN code (only the wrapped arithmetic is skipped).
     """
-    from mergekit.common import ModelReference
+    if nan_method(merge_config) is None:
+        raise ValueError(f"inspect needs a nan_* merge method, not {merge_config.merge_method!r}")
+    check_merge_config(merge_config)
     from mergekit.io.tasks import LoaderCache
 
-    from mergekit_nan.lora import adapter_delta_norms
-
-    base = merge_config.base_model
-    if base is None or base.lora is not None:
-        return {}
-    found = {}
-    for model in merge_config.referenced_models():
-        if model.lora is not None and model.model == base.model:
-            found[model] = adapter_delta_norms(model.lora.path)
-            cache = LoaderCache()
-            cache.loaders[model] = cache.get(ModelReference(model=model.model))
-    return found
+    LoaderCache().setup(options=options)
+    session = MergeSession(
+        dry_run=True,
+        adapter_norms=adapters_on_base(merge_config),  # before planning touches any loader
+        model_order=config_model_order(merge_config),
+    )
+    with opened(session):
+        run_tensor_tasks(merge_config, options)
+    return record.to_json(session.records)
 
 
 def layer_of(name: str) -> str:
@@ -83,7 +54,7 @@ def layer_of(name: str) -> str:
 def kind_of(name: str) -> str:
     """The tensor's type within its block: 'self_attn.q_proj.weight', 'embed_tokens.weight'."""
     match = _LAYER.search(name)
-    return name[match.end():] if match else name.split(".", 1)[-1] if name.count(".") > 1 else name
+    return name[match.end() :] if match else name.split(".", 1)[-1] if name.count(".") > 1 else name
 
 
 def rows(document: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -93,11 +64,16 @@ def rows(document: Dict[str, Any]) -> List[Dict[str, Any]]:
         for index, model in enumerate(document["models"]):
             if tensor["norms"][index] is None:
                 continue
-            out.append({
-                "name": tensor["name"], "layer": layer_of(tensor["name"]), "model": model,
-                "norm": tensor["norms"][index], "coefficient": tensor["coefficients"][index],
-                "weight": tensor["weights"][index],
-            })
+            out.append(
+                {
+                    "name": tensor["name"],
+                    "layer": layer_of(tensor["name"]),
+                    "model": model,
+                    "norm": tensor["norms"][index],
+                    "coefficient": tensor["coefficients"][index],
+                    "weight": tensor["weights"][index],
+                }
+            )
     return out
 
 
@@ -108,26 +84,64 @@ def _mean_by(table: List[Dict[str, Any]], key: str) -> Dict[str, Dict[str, float
     return {k: {m: sum(v) / len(v) for m, v in by_model.items()} for k, by_model in sums.items()}
 
 
+def short_names(models: List[str]) -> Dict[str, str]:
+    """Each model's shortest distinct trailing path part: /a/b/ft-math -> ft-math."""
+    parts = {m: m.replace("\\", "/").rstrip("/").split("/") for m in models}
+    for depth in range(1, max((len(p) for p in parts.values()), default=1) + 1):
+        names = {m: "/".join(p[-depth:]) for m, p in parts.items()}
+        if len(set(names.values())) == len(models):
+            return names
+    return {m: m for m in models}
+
+
+def _layer_order(key: str):
+    return (not key.isdigit(), int(key) if key.isdigit() else 0, key)
+
+
 def summary_text(document: Dict[str, Any]) -> str:
-    """Compact tables for a terminal: per model, then per layer and per tensor type."""
+    """Compact tables for a terminal: per model, then per layer and per tensor type, and
+    the hints (NAN close to uniform, or mostly dropping a model)."""
     models = document["models"]
-    short = {m: f"model {i}" for i, m in enumerate(models)}
-    lines = [f"{document['merge_method']} over {len(document['tensors'])} tensors, parameters {document['parameters']}", ""]
-    lines.append(f"{'':8} {'mean coef':>9} {'min':>6} {'max':>6} {'mean norm':>10}  model")
+    lines = [
+        f"{document['merge_method']} over {len(document['tensors'])} tensors, parameters {document['parameters']}",
+        "",
+    ]
+    if not models:
+        lines.append(
+            "No model other than the base takes part: there is nothing to weigh, and the merge "
+            "writes the base model's tensors."
+        )
+        return "\n".join(lines)
+    short = short_names(models)
+    width = max(5, *(len(n) for n in short.values()))
+    lines.append(f"{'model':<{width}} {'rel. norm':>9} {'mean coef':>9} {'min':>6} {'max':>6} {'mean norm':>10}  path")
     for row in record.model_summary(document):
-        lines.append(f"{short[row['model']]:8} {row['mean_coefficient']:>9.3f} {row['min_coefficient']:>6.3f}"
-                     f" {row['max_coefficient']:>6.3f} {row['mean_norm']:>10.4g}  {row['model']}")
+        lines.append(
+            f"{short[row['model']]:<{width}} {row['relative_norm']:>9.2f} {row['mean_coefficient']:>9.3f}"
+            f" {row['min_coefficient']:>6.3f} {row['max_coefficient']:>6.3f} {row['mean_norm']:>10.4g}  {row['model']}"
+        )
+    lines.append("(rel. norm: the model's delta norm over the geometric mean of all models', median over tensors)")
     table = rows(document)
+    for row in table:
+        row["kind"] = kind_of(row["name"])
+    column = max(8, *(len(n) for n in short.values()))
     for key, title in (("layer", "layer"), ("kind", "tensor type")):
-        for row in table:
-            row["kind"] = kind_of(row["name"])
         means = _mean_by(table, key)
-        order = sorted(means, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
-        width = max(len(title), *(len(k) for k in order))
-        lines += ["", f"mean coefficient per {title}:", f"{title:>{width}} " + " ".join(f"{short[m]:>8}" for m in models)]
+        order = sorted(means, key=_layer_order)
+        label = max([len(title)] + [len(k) for k in order])
+        lines += [
+            "",
+            f"mean coefficient per {title}:",
+            f"{title:>{label}} " + " ".join(f"{short[m]:>{column}}" for m in models),
+        ]
         for k in order:
-            lines.append(f"{k:>{width}} " + " ".join(
-                f"{means[k][m]:>8.3f}" if m in means[k] else f"{'-':>8}" for m in models))
+            lines.append(
+                f"{k:>{label}} "
+                + " ".join(f"{means[k][m]:>{column}.3f}" if m in means[k] else f"{'-':>{column}}" for m in models)
+            )
+    found = record.hints(document)
+    if found:
+        lines += [""] + [f"note: {hint}" for hint in found]
     return "\n".join(lines)
 
 
@@ -149,39 +163,82 @@ def write_outputs(document: Dict[str, Any], out_dir: str) -> List[str]:
 
 
 def write_heatmap(document: Dict[str, Any], path: str) -> Optional[str]:
-    """Layers x models, one panel per tensor type; None (with a hint) without matplotlib."""
+    """One panel per tensor type (layers down, models across) plus one for the tensors
+    outside the layers (embeddings, final norm, head); each cell is the mean coefficient,
+    coloured against an equal share 1/K (white) on a scale fitted to the data. None (with
+    a hint) without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.colors import TwoSlopeNorm
     except ImportError:
         print("hint: pip install 'mergekit-nan[plot]' for a heatmap of the coefficients")
         return None
-    table = [r for r in rows(document) if r["layer"] != "other"]
-    kinds = sorted({kind_of(r["name"]) for r in table})
-    if not kinds:
-        return None
     models = document["models"]
-    layers = sorted({int(r["layer"]) for r in table})
-    columns = min(4, len(kinds))
-    panel_rows = (len(kinds) + columns - 1) // columns
-    figure, axes = plt.subplots(panel_rows, columns, squeeze=False, layout="constrained",
-                                figsize=(3.2 * columns + 1, panel_rows * (0.12 * len(layers) + 1.6)))
-    for ax, kind in zip(axes.flat, kinds):
-        grid = [[float("nan")] * len(models) for _ in layers]
-        for r in table:
-            if kind_of(r["name"]) == kind:
-                grid[layers.index(int(r["layer"]))][models.index(r["model"])] = r["coefficient"]
-        image = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis")
-        ax.set_title(kind, fontsize=8)
-        ax.set_xticks(range(len(models)), [f"model {i}" for i in range(len(models))], fontsize=7)
-        step = max(1, len(layers) // 12)
-        ax.set_yticks(range(0, len(layers), step), [str(layer) for layer in layers[::step]], fontsize=7)
-        ax.set_ylabel("layer", fontsize=7)
-    for ax in list(axes.flat)[len(kinds):]:
+    table = rows(document)
+    if not models or not table:
+        return None
+    short = short_names(models)
+    panels: Dict[str, Dict[str, Dict[str, float]]] = {}  # panel -> row label -> model -> mean
+    for row in table:
+        inside = row["layer"] != "other"
+        panel = kind_of(row["name"]) if inside else "outside the layers"
+        label = row["layer"] if inside else row["name"]
+        panels.setdefault(panel, {}).setdefault(label, {}).setdefault(row["model"], []).append(row["coefficient"])
+    equal = 1.0 / len(models)
+    values = [row["coefficient"] for row in table]
+    spread = max(abs(v - equal) for v in values) or equal
+    norm = TwoSlopeNorm(vcenter=equal, vmin=max(0.0, equal - spread), vmax=min(1.0, equal + spread))
+    if norm.vmin >= equal:
+        norm.vmin = equal / 2
+    names = sorted(panels, key=lambda k: (k == "outside the layers", k))
+    tallest = max(len(panels[n]) for n in names)
+    columns = min(4, len(names))
+    panel_rows = -(-len(names) // columns)
+    cell_height = 0.22 if tallest <= 40 else 0.11
+    figure, axes = plt.subplots(
+        panel_rows,
+        columns,
+        squeeze=False,
+        layout="constrained",
+        figsize=(columns * (0.75 * len(models) + 2.2) + 1.2, panel_rows * (cell_height * tallest + 1.6)),
+    )
+    image = None
+    for ax, name in zip(axes.flat, names):
+        labels = sorted(panels[name], key=_layer_order)
+        grid = [[float("nan")] * len(models) for _ in labels]
+        for i, label in enumerate(labels):
+            for j, model in enumerate(models):
+                found = panels[name][label].get(model)
+                if found:
+                    grid[i][j] = sum(found) / len(found)
+        image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks(range(len(models)), [short[m] for m in models], fontsize=7, rotation=30, ha="right")
+        step = 1 if len(labels) <= 40 else max(1, len(labels) // 20)
+        ax.set_yticks(range(0, len(labels), step), labels[::step], fontsize=6 if name == "outside the layers" else 7)
+        if name != "outside the layers":
+            ax.set_ylabel("layer", fontsize=7)
+        if len(labels) <= 40 and len(models) <= 10:  # values in the cells while they fit
+            for i, line in enumerate(grid):
+                for j, value in enumerate(line):
+                    if value == value:  # not NaN
+                        dark = abs(float(norm(value)) - 0.5) > 0.3  # white text on the deep colours
+                        ax.text(
+                            j,
+                            i,
+                            f"{value:.2f}",
+                            ha="center",
+                            va="center",
+                            fontsize=6,
+                            color="white" if dark else "black",
+                        )
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    figure.colorbar(image, ax=axes, shrink=0.8, label="NAN coefficient")
+    figure.colorbar(image, ax=axes, shrink=0.8, label=f"NAN coefficient (white: equal share 1/{len(models)})")
+    figure.suptitle(f"{document['merge_method']}: mean NAN coefficient per tensor type and layer", fontsize=9)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
@@ -68,16 +69,21 @@ def run_mergekit_yaml(
     *,
     command: Union[str, Sequence[str]] = "mergekit-yaml",
     threads: Optional[int] = None,
+    env: Optional[Mapping[str, str]] = None,
     check: bool = True,
     capture: bool = True,
     clear: bool = False,
+    log: Optional[PathLike] = None,
 ) -> subprocess.CompletedProcess:
     """Run `mergekit-yaml CONFIG OUT OPTIONS...` in a child process.
 
     `config` is a path, or a mapping written beside `out` as `<out>.yml`. `command` is
     a console-script name or a full command line standing for it. `threads` caps
-    torch's threads in the child. `clear` removes `out` first. With `check`, a failed
-    run raises RuntimeError carrying the end of its output.
+    torch's threads in the child; `env` replaces the environment (offline flags are
+    added). `clear` removes `out` first. With `log`, the child's output goes to that
+    file and the result carries `wall` (seconds) and `rusage` (the child's own, from
+    os.wait4: CPU time, peak RSS). With `check`, a failed run raises RuntimeError
+    carrying the end of its output.
     """
     out = Path(out)
     if isinstance(config, Mapping):
@@ -86,11 +92,22 @@ def run_mergekit_yaml(
         shutil.rmtree(out, ignore_errors=True)
     launcher = [command_path(command)] if isinstance(command, str) else list(command)
     argv = [*launcher, str(config), str(out), *options]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    child_env = dict(os.environ if env is None else env, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if threads is not None:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    run = subprocess.run(argv, env=env, text=True, capture_output=capture)
-    if check and run.returncode != 0:
+        child_env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if log is None:
+        run = subprocess.run(argv, env=child_env, text=True, capture_output=capture)
         tail = (run.stderr or "")[-3000:] if capture else ""
+    else:
+        with open(log, "w", encoding="utf-8") as handle:
+            started = time.perf_counter()
+            child = subprocess.Popen(argv, env=child_env, stdout=handle, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(child.pid, 0)
+            wall = time.perf_counter() - started
+        child.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait again
+        run = subprocess.CompletedProcess(argv, child.returncode)
+        run.wall, run.rusage = wall, usage
+        tail = Path(log).read_text(encoding="utf-8", errors="replace")[-3000:]
+    if check and run.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed with exit code {run.returncode}\n{tail}")
     return run

@@ -20,11 +20,11 @@ TINY_LLAMA = dict(
 )
 
 
-def save_llama(path: str, state: Dict[str, torch.Tensor], dtype: torch.dtype) -> str:
+def save_llama(path: str, state: Dict[str, torch.Tensor], dtype: torch.dtype, **overrides) -> str:
     from transformers import LlamaConfig
 
     os.makedirs(path, exist_ok=True)
-    config = LlamaConfig(**TINY_LLAMA)
+    config = LlamaConfig(**{**TINY_LLAMA, **overrides})
     config.architectures = ["LlamaForCausalLM"]
     config.torch_dtype = dtype
     config.save_pretrained(path)
@@ -32,15 +32,17 @@ def save_llama(path: str, state: Dict[str, torch.Tensor], dtype: torch.dtype) ->
     return path
 
 
-def base_state(seed: int = 0) -> Dict[str, torch.Tensor]:
+def base_state(seed: int = 0, **overrides) -> Dict[str, torch.Tensor]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides}))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def perturbed(state: Dict[str, torch.Tensor], scale: float, seed: int, skip: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
+def perturbed(
+    state: Dict[str, torch.Tensor], scale: float, seed: int, skip: Sequence[str] = ()
+) -> Dict[str, torch.Tensor]:
     """A stand-in fine-tune: base + scale * N(0, 1), leaving tensors named in `skip` untouched."""
     generator = torch.Generator().manual_seed(seed)
     return {
@@ -49,13 +51,24 @@ def perturbed(state: Dict[str, torch.Tensor], scale: float, seed: int, skip: Seq
     }
 
 
-def make_family(root: str, scales: Sequence[float], dtype: torch.dtype = torch.float32, skip: Dict[int, Sequence[str]] = None) -> List[str]:
-    """Write base + one fine-tune per scale under `root`; returns [base, ft1, ...] paths."""
-    base = base_state()
-    paths = [save_llama(os.path.join(root, "base"), base, dtype)]
+def make_family(
+    root: str,
+    scales: Sequence[float],
+    dtype: torch.dtype = torch.float32,
+    skip: Dict[int, Sequence[str]] = None,
+    tied: bool = False,
+) -> List[str]:
+    """Write base + one fine-tune per scale under `root`; returns [base, ft1, ...] paths.
+
+    `tied`: tie_word_embeddings, with only model.embed_tokens.weight stored (as SmolLM2 or Qwen2 do)."""
+    overrides = {"tie_word_embeddings": True} if tied else {}
+    base = base_state(**overrides)
+    if tied:
+        base.pop("lm_head.weight")
+    paths = [save_llama(os.path.join(root, "base"), base, dtype, **overrides)]
     for index, scale in enumerate(scales):
         state = perturbed(base, scale, seed=100 + index, skip=(skip or {}).get(index, ()))
-        paths.append(save_llama(os.path.join(root, f"ft{index}"), state, dtype))
+        paths.append(save_llama(os.path.join(root, f"ft{index}"), state, dtype, **overrides))
     return paths
 
 

@@ -9,26 +9,15 @@ import sys
 from typing import Dict, List, Sequence
 
 import torch
-import yaml
+
+from mergekit_nan.yaml_run import run_mergekit_yaml
 
 BIN = os.path.dirname(sys.executable)
 
 
-def write_config(path: str, config: dict) -> str:
-    with open(path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(config, handle, sort_keys=False)
-    return path
-
-
 def mergekit_yaml(config: dict, out: str, *extra: str, command: str = "mergekit-yaml") -> subprocess.CompletedProcess:
-    """The real command line, in a subprocess, as a user would run it."""
-    path = write_config(out.rstrip("/") + ".yml", config)
-    return subprocess.run(
-        [os.path.join(BIN, command), path, out, "--no-copy-tokenizer", *extra],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    """The real command line, in a subprocess, as a user would run it (config written to <out>.yml)."""
+    return run_mergekit_yaml(config, out, ["--no-copy-tokenizer", *extra], command=command, check=False)
 
 
 def run_in_process(config: dict, out: str, seed: int = None) -> None:
@@ -41,13 +30,19 @@ def run_in_process(config: dict, out: str, seed: int = None) -> None:
     run_merge(MergeConfiguration.model_validate(config), out, options=options)
 
 
-def nan_config(method: str, paths: Sequence[str], priors: Sequence[float], dtype: str, parameters: dict = None, model_parameters: dict = None) -> dict:
+def nan_config(
+    method: str,
+    paths: Sequence[str],
+    priors: Sequence[float],
+    dtype: str,
+    parameters: dict = None,
+    model_parameters: dict = None,
+) -> dict:
     config = {
         "merge_method": method,
         "base_model": paths[0],
         "models": [
-            {"model": p, "parameters": {"weight": w, **(model_parameters or {})}}
-            for p, w in zip(paths[1:], priors)
+            {"model": p, "parameters": {"weight": w, **(model_parameters or {})}} for p, w in zip(paths[1:], priors)
         ],
         "dtype": dtype,
     }
@@ -56,7 +51,9 @@ def nan_config(method: str, paths: Sequence[str], priors: Sequence[float], dtype
     return config
 
 
-def reference_weights(base: Dict[str, torch.Tensor], tuned: List[Dict[str, torch.Tensor]], priors: Sequence[float], temperature: float) -> Dict[str, List[float]]:
+def reference_weights(
+    base: Dict[str, torch.Tensor], tuned: List[Dict[str, torch.Tensor]], priors: Sequence[float], temperature: float
+) -> Dict[str, List[float]]:
     """Per-tensor NAN weights from float64 norms and the paper's n^(-1/T) form.
 
     Written independently of mergekit_nan: a model whose delta is negligible
@@ -82,9 +79,9 @@ def per_tensor_weight_config(config: dict, weights: Dict[str, List[float]], meth
     stock["merge_method"] = method
     stock.get("parameters", {}).pop("temperature", None)
     for index, model in enumerate(stock["models"]):
-        model["parameters"]["weight"] = [
-            {"filter": name, "value": w[index]} for name, w in weights.items()
-        ] + [{"value": 1.0}]
+        model["parameters"]["weight"] = [{"filter": name, "value": w[index]} for name, w in weights.items()] + [
+            {"value": 1.0}
+        ]
     return stock
 
 
@@ -110,7 +107,7 @@ def reference_group_weights(base, tuned, priors, temperature, group_of, norm_of=
             totals[i] += n * n
     weights = {}
     for name in base:
-        norms = [s ** 0.5 if ok else 0.0 for s, ok in zip(sq[group_of(name)], own[name])]
+        norms = [s**0.5 if ok else 0.0 for s, ok in zip(sq[group_of(name)], own[name])]
         powers = [n ** (-1 / temperature) if n > 0 else 0.0 for n in norms]
         alpha = [p / sum(powers) for p in powers] if any(powers) else [0.0] * len(norms)
         budget = sum(p for p, ok in zip(priors, own[name]) if ok)

@@ -3,10 +3,10 @@
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from mergekit_nan.coefficients import check_temperature, inverse_norm_softmax, nan_weights
+from mergekit_nan.core.coefficients import check_temperature, inverse_norm_softmax, nan_weights
 
 norms_st = st.lists(st.floats(min_value=1e-30, max_value=1e30), min_size=1, max_size=8)
 temps_st = st.floats(min_value=0.05, max_value=50)
@@ -18,9 +18,13 @@ def direct_alpha(norms, temperature):
     return [p / sum(powers) for p in powers]
 
 
-@given(st.lists(st.floats(min_value=1e-3, max_value=1e3), min_size=1, max_size=8), st.floats(min_value=0.25, max_value=8))
+@given(
+    st.lists(st.floats(min_value=1e-3, max_value=1e3), min_size=1, max_size=8), st.floats(min_value=0.25, max_value=8)
+)
 def test_matches_direct_formula(norms, temperature):
-    assert inverse_norm_softmax(norms, temperature) == pytest.approx(direct_alpha(norms, temperature), rel=1e-9, abs=1e-300)
+    assert inverse_norm_softmax(norms, temperature) == pytest.approx(
+        direct_alpha(norms, temperature), rel=1e-9, abs=1e-300
+    )
 
 
 @given(norms_st, temps_st)
@@ -39,7 +43,11 @@ def test_permutation_equivariant(norms, temperature, rnd):
     assert shuffled == pytest.approx([alpha[i] for i in order], rel=1e-12, abs=1e-300)
 
 
-@given(st.lists(st.floats(min_value=1e-20, max_value=1e20), min_size=1, max_size=8), temps_st, st.floats(min_value=1e-8, max_value=1e8))
+@given(
+    st.lists(st.floats(min_value=1e-20, max_value=1e20), min_size=1, max_size=8),
+    temps_st,
+    st.floats(min_value=1e-8, max_value=1e8),
+)
 def test_invariant_to_common_scale(norms, temperature, factor):
     alpha = inverse_norm_softmax(norms, temperature)
     scaled = inverse_norm_softmax([n * factor for n in norms], temperature)
@@ -76,7 +84,11 @@ def test_zero_norms_take_no_part():
 
 
 @given(
-    st.lists(st.tuples(st.floats(min_value=1e-6, max_value=1e6), st.floats(min_value=0, max_value=10)), min_size=1, max_size=8),
+    st.lists(
+        st.tuples(st.floats(min_value=1e-6, max_value=1e6), st.floats(min_value=0, max_value=10)),
+        min_size=1,
+        max_size=8,
+    ),
     temps_st,
 )
 def test_weights_keep_the_prior_budget(pairs, temperature):

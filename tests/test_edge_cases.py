@@ -5,12 +5,10 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from checkpoints import base_state, load, make_family, perturbed, save_llama
+from checkpoints import load, make_family
+from edge_families import POISONED, poisoned_family
 from merging import mergekit_yaml, nan_config, per_tensor_weight_config, read_record, reference_weights, run_in_process
-
-POISONED = "model.layers.1.mlp.up_proj.weight"
+from safetensors.torch import load_file
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +48,6 @@ def test_untouched_model_stays_out_of_ties_vote(lora_like, tmp_path):
     merged, expected = load(str(tmp_path / "nan")), load(str(tmp_path / "stock"))
     for name in base:
         torch.testing.assert_close(merged[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
-
-
-def poisoned_family(root, where, poison):
-    state = base_state()
-    tuned = perturbed(state, 0.01, seed=1)
-    target = state if where == "base" else tuned
-    target[POISONED] = target[POISONED].clone()
-    target[POISONED][0, 0] = poison
-    return [save_llama(os.path.join(root, "base"), state, torch.float32),
-            save_llama(os.path.join(root, "ft"), tuned, torch.float32),
-            save_llama(os.path.join(root, "other"), perturbed(base_state(), 0.02, seed=2), torch.float32)]
 
 
 def assert_no_finished_model(out):
@@ -110,5 +97,5 @@ def test_missing_base_model_is_explained(lora_like, tmp_path):
 
 def test_negative_weight_names_model_and_parameter(lora_like, tmp_path):
     config = nan_config("nan_task_arithmetic", lora_like, [1, -1, 1], "float32")
-    with pytest.raises(ValueError, match=f"`weight` of model {lora_like[2]} for tensor"):
+    with pytest.raises(ValueError, match=f"`weight` of model {lora_like[2]} is -1"):
         run_in_process(config, str(tmp_path / "out"))

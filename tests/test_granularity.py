@@ -6,17 +6,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from checkpoints import load, make_family
 from merging import mergekit_yaml, nan_config, read_record, reference_group_weights, run_in_process
+from safetensors.torch import save_file
 
 LLAMA_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 CASES = {
     "layer": ({"granularity": "layer"}, lambda n: f"layer {m.group(1)}" if (m := LLAMA_LAYER.match(n)) else n, "delta"),
     "model": ({"granularity": "model", "temperature": 0.5}, lambda n: "all", "delta"),
     "weights": ({"norm_of": "weights"}, lambda n: n, "weights"),
-    "layer-weights": ({"granularity": "layer", "norm_of": "weights"}, lambda n: f"layer {m.group(1)}" if (m := LLAMA_LAYER.match(n)) else n, "weights"),
+    "layer-weights": (
+        {"granularity": "layer", "norm_of": "weights"},
+        lambda n: f"layer {m.group(1)}" if (m := LLAMA_LAYER.match(n)) else n,
+        "weights",
+    ),
 }
 PRIORS = [1.0, 1.0, 2.0]
 
@@ -29,8 +32,10 @@ def family(tmp_path_factory):
 @pytest.fixture(scope="module")
 def merges(family, tmp_path_factory):
     root = tmp_path_factory.mktemp("merges")
-    jobs = {case: (nan_config("nan_task_arithmetic", family, PRIORS, "float32", params), str(root / case))
-            for case, (params, _, _) in CASES.items()}
+    jobs = {
+        case: (nan_config("nan_task_arithmetic", family, PRIORS, "float32", params), str(root / case))
+        for case, (params, _, _) in CASES.items()
+    }
     with ThreadPoolExecutor(2) as pool:
         runs = dict(zip(jobs, pool.map(lambda job: mergekit_yaml(*job), jobs.values())))
     return jobs, runs
@@ -56,10 +61,10 @@ def test_matches_reference_through_mergekit_yaml(family, merges, case):
 def test_prepass_reads_each_input_once(family, tmp_path, monkeypatch):
     from mergekit.io.lazy_tensor_loader import LazyTensorLoader
 
-    from mergekit_nan import prepass
+    from mergekit_nan.adapters import mergekit_io
 
     reads, passes, inside = [], [], [False]
-    original_get, original_compute = LazyTensorLoader.get_tensor, prepass._compute
+    original_get, original_compute = LazyTensorLoader.get_tensor, mergekit_io._compute
 
     def counting_get(self, key, *args, **kwargs):
         if inside[0]:
@@ -75,7 +80,7 @@ def test_prepass_reads_each_input_once(family, tmp_path, monkeypatch):
             inside[0] = False
 
     monkeypatch.setattr(LazyTensorLoader, "get_tensor", counting_get)
-    monkeypatch.setattr(prepass, "_compute", counting_compute)
+    monkeypatch.setattr(mergekit_io, "_compute", counting_compute)
     run_in_process(nan_config("nan_ties", family, PRIORS, "float32", {"granularity": "model"}), str(tmp_path / "out"))
     tensors = len(load(family[0]))
     assert len(passes) == 1  # once per merge, however many tensor tasks ask
@@ -86,7 +91,7 @@ def test_layer_groups_follow_mergekit_architecture_info_on_gpt2(tmp_path):
     from mergekit.common import ModelReference
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from mergekit_nan.prepass import tensor_groups
+    from mergekit_nan.adapters.mergekit_io import tensor_groups
 
     config = GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=64, n_positions=32)
     config.architectures = ["GPT2LMHeadModel"]
@@ -95,8 +100,11 @@ def test_layer_groups_follow_mergekit_architecture_info_on_gpt2(tmp_path):
         torch.manual_seed(0)
         state = GPT2LMHeadModel(config).state_dict()
         gen = torch.Generator().manual_seed(index)
-        state = {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in state.items()
-                 if k != "lm_head.weight" and v.is_floating_point() and ".attn.bias" not in k}
+        state = {
+            k: v + scale * torch.randn(v.shape, generator=gen)
+            for k, v in state.items()
+            if k != "lm_head.weight" and v.is_floating_point() and ".attn.bias" not in k
+        }
         path = str(tmp_path / f"gpt2-{index}")
         config.save_pretrained(path)
         save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"))
@@ -122,3 +130,19 @@ def test_layer_groups_follow_mergekit_architecture_info_on_gpt2(tmp_path):
     for name, entry in record.items():  # mergekit names GPT-2 weights without 'transformer.'
         checkpoint_name = name if name in base else next(n for n in base if n.endswith("." + name))
         assert entry["weights"] == pytest.approx(weights[checkpoint_name], rel=1e-6), name
+
+
+def test_tied_embeddings_count_once_with_granularity_model(tmp_path):
+    # tie_word_embeddings: the file stores model.embed_tokens.weight only, and mergekit's
+    # architecture lists lm_head.weight as tied to it; it is one stored tensor.
+    paths = make_family(str(tmp_path / "tied"), [0.01, 0.03], tied=True)
+    out = str(tmp_path / "out")
+    run = mergekit_yaml(nan_config("nan_task_arithmetic", paths, [1.0, 1.0], "float32", {"granularity": "model"}), out)
+    assert run.returncode == 0, run.stderr[-2000:]
+    base, tuned = load(paths[0]), [load(p) for p in paths[1:]]
+    assert "lm_head.weight" not in base
+    expected = [sum((t[k].double() - b.double()).norm().item() ** 2 for k, b in base.items()) ** 0.5 for t in tuned]
+    record = read_record(out)
+    assert {t["name"] for t in record["tensors"]} == set(base)
+    for entry in record["tensors"]:
+        assert entry["norms"] == pytest.approx(expected, rel=1e-6), entry["name"]

@@ -6,18 +6,31 @@ import os
 import subprocess
 
 from checkpoints import make_family
-from merging import BIN, mergekit_yaml, nan_config, read_record, write_config
+from merging import BIN, mergekit_yaml, nan_config, read_record
+
+from mergekit_nan.yaml_run import write_config
 
 
 def test_inspect_equals_the_merge_record(tmp_path):
-    paths = make_family(str(tmp_path / "family"), [0.003, 0.02], dtype=__import__("torch").bfloat16, skip={0: ["v_proj"]})
+    paths = make_family(
+        str(tmp_path / "family"), [0.003, 0.02], dtype=__import__("torch").bfloat16, skip={0: ["v_proj"]}
+    )
     config = nan_config("nan_dare_ties", paths, [1.0, 3.0], "bfloat16", {"temperature": 0.7}, {"density": 0.5})
     merge = mergekit_yaml(config, str(tmp_path / "merged"))
     assert merge.returncode == 0, merge.stderr[-2000:]
 
     out = tmp_path / "inspect"
-    run = subprocess.run([os.path.join(BIN, "mergekit-nan"), "inspect", write_config(str(tmp_path / "c.yml"), config), "--out", str(out)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            os.path.join(BIN, "mergekit-nan"),
+            "inspect",
+            str(write_config(tmp_path / "c.yml", config)),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     with open(out / "coefficients.json", encoding="utf-8") as handle:
         inspected = json.load(handle)

@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-
 from checkpoints import TINY_LLAMA, load, make_family
 from merging import mergekit_yaml, read_record
 
@@ -35,7 +34,7 @@ def adapters(tmp_path_factory):
 
 
 def test_gram_route_equals_the_materialized_delta(adapters):
-    from mergekit_nan.lora import adapter_delta_norms
+    from mergekit_nan.core.lora import adapter_delta_norms
 
     base_path, adapter_dirs, merged_states = adapters
     base = load(base_path)
@@ -52,7 +51,7 @@ def test_gram_route_equals_the_materialized_delta(adapters):
 
 @pytest.mark.parametrize("method", ["nan_task_arithmetic", "nan_ties"])
 def test_adapters_merge_through_the_lora_cache(adapters, tmp_path, method):
-    from mergekit_nan.lora import adapter_delta_norms
+    from mergekit_nan.core.lora import adapter_delta_norms
 
     base_path, adapter_dirs, _ = adapters
     config = {
@@ -85,7 +84,9 @@ def test_inspect_takes_adapter_norms_from_the_adapter_files(adapters, tmp_path):
     import json
     import subprocess
 
-    from merging import BIN, write_config
+    from merging import BIN
+
+    from mergekit_nan.yaml_run import write_config
 
     base_path, adapter_dirs, _ = adapters
     config = {
@@ -97,8 +98,19 @@ def test_inspect_takes_adapter_norms_from_the_adapter_files(adapters, tmp_path):
     merge = mergekit_yaml(config, str(tmp_path / "merged"), "--lora-merge-cache", str(tmp_path / "merge-cache"))
     assert merge.returncode == 0, merge.stderr[-2000:]
     cache = tmp_path / "inspect-cache"
-    run = subprocess.run([os.path.join(BIN, "mergekit-nan"), "inspect", write_config(str(tmp_path / "c.yml"), config),
-                          "--out", str(tmp_path / "inspect"), "--lora-merge-cache", str(cache)], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            os.path.join(BIN, "mergekit-nan"),
+            "inspect",
+            str(write_config(tmp_path / "c.yml", config)),
+            "--out",
+            str(tmp_path / "inspect"),
+            "--lora-merge-cache",
+            str(cache),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert not cache.exists() or not any(cache.iterdir())  # no adapter was merged into a full model
     inspected = json.loads((tmp_path / "inspect" / "coefficients.json").read_text())

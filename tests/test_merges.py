@@ -7,12 +7,12 @@ that an independent float64 computation of NAN prescribes; `nan_task_arithmetic`
 must also equal base + lambda * sum w_i delta_i written out by hand.
 """
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-
 from checkpoints import load, make_family
 from merging import (
     mergekit_yaml,
@@ -51,7 +51,9 @@ def sweep(tmp_path_factory):
             config = nan_config(f"nan_{method}", paths, PRIORS, dtype, shared, per_model)
             jobs[(method, dtype)] = (config, str(root / f"out-nan_{method}-{dtype}"))
     with ThreadPoolExecutor(2) as pool:
-        runs = dict(zip(jobs, pool.map(lambda job: mergekit_yaml(job[0], job[1], "--random-seed", str(SEED)), jobs.values())))
+        runs = dict(
+            zip(jobs, pool.map(lambda job: mergekit_yaml(job[0], job[1], "--random-seed", str(SEED)), jobs.values()))
+        )
     return families, jobs, runs
 
 
@@ -111,4 +113,12 @@ def test_model_card_names_nan_and_the_paper(sweep):
     for index, model in enumerate(record["models"]):
         coefficients = [t["coefficients"][index] for t in record["tensors"]]
         mean = sum(coefficients) / len(coefficients)
-        assert f"| {model} | {mean:.3f} | {min(coefficients):.3f} | {max(coefficients):.3f} |" in card
+        # the delta norm relative to the others: median over tensors of n_i / geometric mean
+        ratios = sorted(t["norms"][index] / math.prod(t["norms"]) ** (1 / len(t["norms"])) for t in record["tensors"])
+        middle = len(ratios) // 2
+        relative = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+        row = f"| {model} | {relative:.2f} | {mean:.3f} | {min(coefficients):.3f} | {max(coefficients):.3f} |"
+        assert row in card
+    # ft2's delta is 25x ft0's: its coefficient is under a quarter of an equal share everywhere
+    assert f"{record['models'][2]} gets less than 25% of an equal share on {len(record['tensors'])} of the" in card
+    assert f"{record['models'][0]} gets less than" not in card

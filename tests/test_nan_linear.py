@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from checkpoints import load, make_family
 from merging import mergekit_yaml, read_record
 
@@ -25,7 +24,7 @@ def test_nan_linear_through_mergekit_yaml(tmp_path):
     record = {t["name"]: t for t in read_record(out)["tensors"]}
     for name in models[0]:
         norms = [m[name].double().norm().item() for m in models]
-        alpha = [n ** -0.5 / sum(x ** -0.5 for x in norms) for n in norms]
+        alpha = [n**-0.5 / sum(x**-0.5 for x in norms) for n in norms]
         mass = sum(p * a for p, a in zip(priors, alpha))
         expected = sum(p * a * m[name].double() for p, a, m in zip(priors, alpha, models)) / mass
         torch.testing.assert_close(merged[name], expected.float(), rtol=1e-5, atol=1e-6, msg=name)

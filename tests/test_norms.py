@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from mergekit_nan import norms
-from mergekit_nan.norms import delta_norms, weight_norms
+from mergekit_nan.core import norms
+from mergekit_nan.core.norms import delta_norms, weight_norms
 
 
 def reference(base, tuned):
@@ -83,7 +83,9 @@ def test_non_finite_inputs_give_non_finite_norms(poison):
 def test_non_contiguous_inputs():
     base = torch.randn(64, 48)
     tuned = [base + 0.5 * torch.randn(48, 64).t()]
-    assert delta_norms(base.t().contiguous().t(), tuned).delta_norms[0] == pytest.approx(reference(base, tuned)[1][0], rel=1e-6)
+    assert delta_norms(base.t().contiguous().t(), tuned).delta_norms[0] == pytest.approx(
+        reference(base, tuned)[1][0], rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("chunk", [7, 1 << 10])
@@ -91,8 +93,9 @@ def test_device_side_accumulation_matches_host_side(chunk):
     # The accelerator path (sums kept on the device, one sync at the end) runs here
     # on CPU tensors: no GPU is needed to check its arithmetic.
     base = torch.randn(5000, dtype=torch.float64).to(torch.bfloat16)
-    tuned = [(base.double() + 0.01 * (i + 1) * torch.randn(5000, dtype=torch.float64)).to(torch.bfloat16)
-             for i in range(3)]
+    tuned = [
+        (base.double() + 0.01 * (i + 1) * torch.randn(5000, dtype=torch.float64)).to(torch.bfloat16) for i in range(3)
+    ]
     host = norms._sums_of_squares(base, tuned, chunk, torch.float32, on_cpu=True)
     device = norms._sums_of_squares(base, tuned, chunk, torch.float32, on_cpu=False)
     want = [(base.double() ** 2).sum().item()] + [((t.double() - base.double()) ** 2).sum().item() for t in tuned]
@@ -101,8 +104,8 @@ def test_device_side_accumulation_matches_host_side(chunk):
 
 
 def test_threads_get_their_own_kept_scratch():
-    # The CPU scratch is kept between calls (no page faults per tensor); two threads
-    # norming at once must not write into each other's slices.
+    # A merge keeps one Scratch between calls (no page faults per tensor); two threads
+    # norming at once with it must not write into each other's slices.
     import threading
 
     gen = torch.Generator().manual_seed(7)
@@ -112,10 +115,11 @@ def test_threads_get_their_own_kept_scratch():
         tuned = [(base.float() + scale * torch.randn(base.shape, generator=gen)).to(torch.bfloat16)]
         jobs.append((base, tuned, reference(base, tuned)[1][0]))
     errors = []
+    scratch = norms.Scratch()
 
     def run(base, tuned, want):
         for _ in range(20):
-            got = delta_norms(base, tuned).delta_norms[0]
+            got = delta_norms(base, tuned, scratch=scratch).delta_norms[0]
             if got != pytest.approx(want, rel=1e-6, abs=0):
                 errors.append((want, got))
 
@@ -125,6 +129,6 @@ def test_threads_get_their_own_kept_scratch():
     for thread in threads:
         thread.join()
     assert not errors
-    same = norms._scratch(10, torch.float32, torch.device("cpu"))
-    again = norms._scratch(1000, torch.float32, torch.device("cpu"))
+    same = scratch.slices(10, torch.float32, torch.device("cpu"))
+    again = scratch.slices(1000, torch.float32, torch.device("cpu"))
     assert same.data_ptr() == again.data_ptr()  # kept, not reallocated

@@ -33,13 +33,9 @@ def check_temperature(temperature: float) -> float:
             raise TypeError
         value = float(temperature)  # numeric strings: YAML 1.1 reads 1e-1 as a string
     except (TypeError, ValueError):
-        raise ValueError(
-            f"NAN parameter `temperature` must be a number > 0, got {temperature!r}"
-        ) from None
+        raise ValueError(f"NAN parameter `temperature` must be a number > 0, got {temperature!r}") from None
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(
-            f"NAN parameter `temperature` must be a finite number > 0, got {temperature!r}"
-        )
+        raise ValueError(f"NAN parameter `temperature` must be a finite number > 0, got {temperature!r}")
     return value
 
 
@@ -101,13 +97,9 @@ def nan_weights(
         raise ValueError(f"got {len(norms)} norms but {len(priors)} weights")
     for index, prior in enumerate(priors):
         if not (math.isfinite(prior) and prior >= 0):
-            raise ValueError(
-                f"weight #{index} is {prior!r}; NAN takes `weight` as a prior that must be >= 0"
-            )
+            raise ValueError(f"weight #{index} is {prior!r}; NAN takes `weight` as a prior that must be >= 0")
     participating = takes_part(norms, base_norm, negligible_ratio)
-    alphas = inverse_norm_softmax(
-        [n if part else 0.0 for n, part in zip(norms, participating)], temperature
-    )
+    alphas = inverse_norm_softmax([n if part else 0.0 for n, part in zip(norms, participating)], temperature)
     budget = math.fsum(p for p, part in zip(priors, participating) if part)
     mass = math.fsum(p * a for p, a in zip(priors, alphas))
     if budget == 0 or mass == 0:

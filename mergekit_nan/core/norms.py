@@ -8,9 +8,9 @@ second one (float32 input needs no conversion), the squared difference from the 
 is written over it in one pass, and summed (torch's cascade sum keeps the relative
 error near 1e-8). Per-slice sums are accumulated in float64, so scratch memory is two
 slices whatever the tensor size. On CPU the scratch is kept between calls (per
-thread): a fresh 4 MiB per tensor costs page faults whenever the allocator has handed
-it back to the OS (measured standalone: 90k faults, +0.1-0.2 s per pass over
-SmolLM2-135M and 3 fine-tunes).
+thread) when the caller passes a `Scratch` (a merge's session does): a fresh 4 MiB per
+tensor costs page faults whenever the allocator has handed it back to the OS (measured
+standalone: 90k faults, +0.1-0.2 s per pass over SmolLM2-135M and 3 fine-tunes).
 
 float32 sums of squares can overflow (bf16 holds values up to 3e38) or underflow
 (deltas below ~1e-19). Those rare tensors are recomputed in float64, which covers
@@ -39,8 +39,22 @@ _SAFE_SUMSQ = (1e-30, 1e30)
 # (bit-identical sums; the norm step 3-10% faster end to end, measured).
 _squared_difference = torch.ops.aten.mse_loss.out
 
-# dtype -> a (2, CPU_CHUNK) scratch tensor, one per thread.
-_cpu_scratch = threading.local()
+
+class Scratch(threading.local):
+    """Scratch slices kept between calls, a set per thread: whoever norms many tensors
+    (a merge's session) owns one and passes it in. Without one, each call allocates."""
+
+    def __init__(self):
+        self.buffers = {}  # dtype -> a (2, CPU_CHUNK) tensor
+
+    def slices(self, chunk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Two slices of `chunk` elements; on CPU the same ones at each call
+        (accelerator allocators cache blocks themselves)."""
+        if device.type != "cpu" or chunk > CPU_CHUNK:
+            return torch.empty((2, chunk), dtype=dtype, device=device)
+        if dtype not in self.buffers:
+            self.buffers[dtype] = torch.empty((2, CPU_CHUNK), dtype=dtype)
+        return self.buffers[dtype][:, :chunk]
 
 
 @dataclass(frozen=True)
@@ -50,7 +64,7 @@ class DeltaNorms:
 
 
 def delta_norms(
-    base: torch.Tensor, tuned: Sequence[torch.Tensor], chunk: int = 0
+    base: torch.Tensor, tuned: Sequence[torch.Tensor], chunk: int = 0, scratch: Optional[Scratch] = None
 ) -> DeltaNorms:
     """||base|| and ||t - base|| for each t, on the tensors' own device.
 
@@ -58,55 +72,45 @@ def delta_norms(
     """
     for tensor in tuned:
         if tensor.shape != base.shape:
-            raise ValueError(
-                f"shape mismatch: {tuple(tensor.shape)} vs base {tuple(base.shape)}"
-            )
+            raise ValueError(f"shape mismatch: {tuple(tensor.shape)} vs base {tuple(base.shape)}")
     flat_base = base.reshape(-1)
     flat_tuned = [t.reshape(-1) for t in tuned]
-    sums = _sums_of_squares(flat_base, flat_tuned, chunk, torch.float32)
+    scratch = scratch or Scratch()
+    sums = _sums_of_squares(flat_base, flat_tuned, chunk, torch.float32, scratch)
 
     # Rescue the float32 fast path where it cannot be trusted (see module docstring).
     for index, total in enumerate(sums):
         if _SAFE_SUMSQ[0] <= total <= _SAFE_SUMSQ[1]:
             continue
         if index == 0:
-            sums[0] = _rescued(flat_base, total, chunk)
+            sums[0] = _rescued(flat_base, total, chunk, scratch)
         elif not torch.equal(flat_tuned[index - 1], flat_base):
-            sums[index] = _sums_of_squares(
-                flat_base, [flat_tuned[index - 1]], chunk, torch.float64
-            )[1]
+            sums[index] = _sums_of_squares(flat_base, [flat_tuned[index - 1]], chunk, torch.float64, scratch)[1]
         else:
             sums[index] = 0.0
     norms = [math.sqrt(s) if s >= 0 else s for s in sums]
     return DeltaNorms(base_norm=norms[0], delta_norms=tuple(norms[1:]))
 
 
-def weight_norms(tensors: Sequence[torch.Tensor], chunk: int = 0) -> Tuple[float, ...]:
+def weight_norms(
+    tensors: Sequence[torch.Tensor], chunk: int = 0, scratch: Optional[Scratch] = None
+) -> Tuple[float, ...]:
     """||t||_F for each tensor, sliced and rescued like delta_norms."""
     norms = []
+    scratch = scratch or Scratch()
     for tensor in tensors:
         flat = tensor.reshape(-1)
-        total = _sums_of_squares(flat, [], chunk, torch.float32)[0]
-        total = _rescued(flat, total, chunk)
+        total = _sums_of_squares(flat, [], chunk, torch.float32, scratch)[0]
+        total = _rescued(flat, total, chunk, scratch)
         norms.append(math.sqrt(total) if total >= 0 else total)
     return tuple(norms)
 
 
-def _rescued(flat: torch.Tensor, total: float, chunk: int) -> float:
+def _rescued(flat: torch.Tensor, total: float, chunk: int, scratch: Scratch) -> float:
     """A float32 sum of squares of `flat`, recomputed in float64 where it is unsafe."""
     if _SAFE_SUMSQ[0] <= total <= _SAFE_SUMSQ[1] or (total == 0 and not flat.any()):
         return total
-    return _sums_of_squares(flat, [], chunk, torch.float64)[0]
-
-
-def _scratch(chunk: int, dtype: torch.dtype, device: torch.device):
-    """Two scratch slices; on CPU the same ones at each call (accelerator allocators cache anyway)."""
-    if device.type != "cpu" or chunk > CPU_CHUNK:
-        return torch.empty((2, chunk), dtype=dtype, device=device)
-    kept = _cpu_scratch.__dict__.setdefault("buffers", {})
-    if dtype not in kept:
-        kept[dtype] = torch.empty((2, CPU_CHUNK), dtype=dtype)
-    return kept[dtype][:, :chunk]
+    return _sums_of_squares(flat, [], chunk, torch.float64, scratch)[0]
 
 
 def _sums_of_squares(
@@ -114,6 +118,7 @@ def _sums_of_squares(
     tuned: Sequence[torch.Tensor],
     chunk: int,
     dtype: torch.dtype,
+    scratch: Optional[Scratch] = None,
     on_cpu: Optional[bool] = None,
 ) -> list:
     """[sum(base^2), sum((t_1 - base)^2), ...] over flat tensors, slice by slice.
@@ -125,7 +130,7 @@ def _sums_of_squares(
     device = base.device
     on_cpu = device.type == "cpu" if on_cpu is None else on_cpu
     chunk = min(count, chunk or (CPU_CHUNK if on_cpu else ACCELERATOR_CHUNK)) or 1
-    base_slice, work = _scratch(chunk, dtype, device)
+    base_slice, work = (scratch or Scratch()).slices(chunk, dtype, device)
     if on_cpu:
         totals = [0.0] * (len(tuned) + 1)
     else:  # stay on the device: one host sync at the end, not one per slice

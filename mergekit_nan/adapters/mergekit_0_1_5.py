@@ -1,0 +1,159 @@
+"""The NAN methods for mergekit's newer method API (0.1.5: GroupMergeMethod).
+
+Each `nan_<m>` wraps mergekit's registered `<m>` by composition: it keeps that
+method's spec (parameters, defaults, input contract), makes `weight` an optional prior,
+adds NAN's parameters, and for every output tensor hands the wrapped method the group
+with NAN's weights (see `core.weighing`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Hashable, Literal, Optional, Sequence
+
+import torch
+from mergekit.merge_methods import registry
+from mergekit.merge_methods.base import (
+    GroupMergeMethod,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    PerInputValues,
+    TensorGroup,
+)
+from pydantic import BeforeValidator
+from typing_extensions import Annotated
+
+from mergekit_nan.adapters.mergekit_io import group_norms
+from mergekit_nan.core import parameters as nan_parameters
+from mergekit_nan.core.coefficients import PAPER_URL
+from mergekit_nan.core.parameters import NanSettings, base_model_needed
+from mergekit_nan.core.weighing import weigh_linear, weigh_task_vectors
+
+_TYPES = {
+    "temperature": Annotated[float, BeforeValidator(lambda v: nan_parameters.check_shared("temperature", v))],
+    "granularity": Annotated[
+        Literal[nan_parameters.GRANULARITIES], BeforeValidator(lambda v: nan_parameters.check_shared("granularity", v))
+    ],
+    "norm_of": Annotated[
+        Literal[nan_parameters.NORM_SOURCES], BeforeValidator(lambda v: nan_parameters.check_shared("norm_of", v))
+    ],
+}
+
+
+def _nan_spec(inner: MergeMethodSpec, shared: Sequence[str]) -> MergeMethodSpec:
+    """The wrapped method's spec, renamed, with `weight` optional and NAN's parameters."""
+    parameters = [replace(p, default=1.0) if p.name == nan_parameters.PRIOR else p for p in inner.parameters]
+    for name in shared:
+        default, description = nan_parameters.SHARED[name]
+        parameters.append(
+            ParameterSpec(name, _TYPES[name], ParameterScope.SHARED, default=default, description=description)
+        )
+    return MergeMethodSpec(
+        name=f"nan_{inner.name}",
+        parameters=tuple(parameters),
+        contract=inner.contract,
+        pretty_name=f"NAN + {inner.pretty_name or inner.name}",
+        reference_url=PAPER_URL,
+        optional_tensor_policy=inner.optional_tensor_policy,
+        uses_accelerator=inner.uses_accelerator,
+    )
+
+
+def _shared_values(parameters: dict) -> tuple:
+    return tuple(sorted((k, v) for k, v in parameters.items() if not isinstance(v, PerInputValues)))
+
+
+class NanTaskVectorMethod(GroupMergeMethod):
+    """`nan_<wrapped>` for a task-vector method: NAN chooses each model's weight."""
+
+    def __init__(self, wrapped: GroupMergeMethod):
+        self.wrapped = wrapped
+        self.spec = _nan_spec(wrapped.spec, tuple(nan_parameters.SHARED))
+
+    def validate_inputs(
+        self,
+        input_ids: Sequence[Hashable],
+        base_id: Optional[Hashable] = None,
+        *,
+        group_name: Optional[str] = None,
+    ) -> None:
+        if base_id is None:
+            raise ValueError(base_model_needed(self.spec.name))
+        super().validate_inputs(input_ids, base_id, group_name=group_name)
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        name = group.metadata.name or "<unnamed tensor>"
+        base, tuned = group.base, group.non_base
+        if base is None:  # direct API callers can get here without a base
+            raise ValueError(f"{base_model_needed(self.spec.name)} (tensor {name} has no base input)")
+        shared = _shared_values(parameters)
+        settings = NanSettings.pop_from(parameters)
+        ids = [entry.id for entry in tuned]
+        weighing = weigh_task_vectors(
+            method=self.spec.name,
+            wrapped_method=self.wrapped.spec.name,
+            name=name,
+            base_id=base.id,
+            base=base.tensor,
+            models=[(entry.id, entry.tensor) for entry in tuned],
+            priors=[parameters["weight"][i] for i in ids],
+            settings=settings,
+            shared_parameters=shared,
+            group_norms=lambda: group_norms(base.id, ids, settings, base.tensor.dtype, base.tensor.device),
+        )
+        if weighing.skip_merge:
+            return base.tensor
+        taking = tuple(entry for entry in tuned if entry.id in weighing.weights)
+        parameters["weight"] = PerInputValues([(entry.id, weighing.weights[entry.id]) for entry in taking])
+        return self.wrapped.merge_group(replace(group, entries=(base, *taking)), **parameters)
+
+
+class NanLinearMethod(GroupMergeMethod):
+    """`nan_linear`: mergekit's weighted average of whole models, with NAN weights from
+    the inverse norms of the models' own weights (no base model)."""
+
+    def __init__(self, wrapped: GroupMergeMethod):
+        self.wrapped = wrapped
+        self.spec = _nan_spec(wrapped.spec, nan_parameters.LINEAR_SHARED)
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        name = group.metadata.name or "<unnamed tensor>"
+        shared = _shared_values(parameters)
+        settings = NanSettings.pop_from(parameters)
+        entries = group.entries
+        weighing = weigh_linear(
+            method=self.spec.name,
+            wrapped_method=self.wrapped.spec.name,
+            name=name,
+            models=[(entry.id, entry.tensor) for entry in entries],
+            priors=[parameters["weight"][entry.id] for entry in entries],
+            settings=settings,
+            shared_parameters=shared,
+        )
+        if weighing.skip_merge:  # inspect, or every tensor all zeros: their average is zero
+            return entries[0].tensor
+        taking = tuple(entry for entry in entries if entry.id in weighing.weights)
+        (merged,) = self.wrapped(
+            (replace(group, entries=taking),),
+            parameters={"weight": {e.id: weighing.weights[e.id] for e in taking}, "normalize": parameters["normalize"]},
+        )
+        return merged
+
+
+def register(wrapped_names: Sequence[str]) -> None:
+    """Register nan_<name> for each task-vector method and nan_linear; idempotent."""
+    known = set(registered_names())
+    for name in wrapped_names:
+        if f"nan_{name}" not in known:
+            registry.register(NanTaskVectorMethod(registry.get(name)))
+    if "nan_linear" not in known:
+        registry.register(NanLinearMethod(registry.get("linear")))
+
+
+def registered_names() -> list:
+    return [method.spec.name for method in registry.registered_methods()]
+
+
+def parameter_names(method: str) -> list:
+    return [p.name for p in registry.get(method).spec.parameters]
