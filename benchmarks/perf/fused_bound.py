@@ -29,7 +29,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
-from mergekit_nan import norms  # noqa: E402
+from mergekit_nan.core import norms  # noqa: E402
 
 SOURCE = r"""
 #include <stdint.h>
@@ -71,8 +71,21 @@ def build(work: Path):
     work.mkdir(parents=True, exist_ok=True)
     (work / "fused.c").write_text(SOURCE)
     lib = work / "fused.so"
-    subprocess.run([cc, "-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC",
-                    str(work / "fused.c"), "-o", str(lib)], check=True)
+    subprocess.run(
+        [
+            cc,
+            "-O3",
+            "-march=native",
+            "-ffast-math",
+            "-fopenmp",
+            "-shared",
+            "-fPIC",
+            str(work / "fused.c"),
+            "-o",
+            str(lib),
+        ],
+        check=True,
+    )
     return ctypes.CDLL(str(lib))
 
 
@@ -80,8 +93,7 @@ def fused_sums(lib, base: torch.Tensor, tuned) -> list:
     """[sum(base^2), sum((t - base)^2) ...] of contiguous bf16 CPU tensors, by the C loop."""
     pointers = (ctypes.c_void_p * max(1, len(tuned)))(*[t.data_ptr() for t in tuned])
     sums = (ctypes.c_double * (len(tuned) + 1))()
-    lib.sums_of_squares(ctypes.c_void_p(base.data_ptr()), pointers, len(tuned),
-                        ctypes.c_long(base.numel()), sums)
+    lib.sums_of_squares(ctypes.c_void_p(base.data_ptr()), pointers, len(tuned), ctypes.c_long(base.numel()), sums)
     return list(sums)
 
 
@@ -89,11 +101,14 @@ def patch_norms(lib) -> None:
     """Send NAN's float32-accumulated bf16 norm step through the C loop (for merge_breakdown)."""
     plain = norms._sums_of_squares
 
-    def fused(base, tuned, chunk, dtype, on_cpu=None):
+    def fused(base, tuned, chunk, dtype, scratch=None, on_cpu=None):
         tensors = (base, *tuned)
-        if dtype != torch.float32 or len(tuned) > 15 or any(
-                t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
-            return plain(base, tuned, chunk, dtype, on_cpu)
+        if (
+            dtype != torch.float32
+            or len(tuned) > 15
+            or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
+        ):
+            return plain(base, tuned, chunk, dtype, scratch, on_cpu)
         return fused_sums(lib, base, tuned)
 
     norms._sums_of_squares = fused
@@ -117,14 +132,15 @@ def main() -> None:
     weights = torch.randn(n, generator=gen)
     base = weights.bfloat16()
     tuned = [(weights + 0.01 * torch.randn(n, generator=gen)).bfloat16() for _ in range(3)]
-    want = [(base.double() ** 2).sum().item()] + [
-        ((t.double() - base.double()) ** 2).sum().item() for t in tuned]
+    want = [(base.double() ** 2).sum().item()] + [((t.double() - base.double()) ** 2).sum().item() for t in tuned]
 
     def fused():
         return fused_sums(lib, base, tuned)
 
+    scratch = norms.Scratch()  # kept between calls, as in a merge
+
     def torch_kernel():
-        return norms._sums_of_squares(base, tuned, 0, torch.float32)
+        return norms._sums_of_squares(base, tuned, 0, torch.float32, scratch)
 
     best = {"torch ops (what NAN runs)": float("inf"), "fused C loop": float("inf")}
     errors = {}
@@ -135,8 +151,9 @@ def main() -> None:
             best[label] = min(best[label], time.perf_counter() - start)
             errors[label] = max(abs(g - w) / w for g, w in zip(got, want))
     nbytes = 4 * n * base.element_size()
-    print(f"2^{args.log2}-element bf16 tensors, base + 3 models, {torch.get_num_threads()} threads, "
-          f"best of {args.rounds}")
+    print(
+        f"2^{args.log2}-element bf16 tensors, base + 3 models, {torch.get_num_threads()} threads, best of {args.rounds}"
+    )
     print("| kernel | GB/s of input | rel. error vs float64 (sums of squares) |")
     print("|---|---|---|")
     for label, seconds in best.items():

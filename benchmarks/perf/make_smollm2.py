@@ -67,9 +67,7 @@ def build_base(out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = find_gguf()
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
-    )
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     # transformers dequantized every tensor on load (plain nn.Linear/bf16), but
     # still marks the model as GGUF-quantized, which blocks save_pretrained and
     # would leave a quantization_config in config.json: drop both markers.
@@ -116,9 +114,7 @@ def perturb(base: Path, dest: Path, sigma: float, seed: int) -> Path:
 
 
 def build_finetunes(base: Path, out: Path, sigmas=SIGMAS, seed0: int = 1000) -> list[Path]:
-    return [
-        perturb(base, out / f"ft{k + 1}", s, seed0 + k) for k, s in enumerate(sigmas)
-    ]
+    return [perturb(base, out / f"ft{k + 1}", s, seed0 + k) for k, s in enumerate(sigmas)]
 
 
 def build(out: Path = DEFAULT_OUT) -> tuple[Path, list[Path]]:

@@ -58,9 +58,10 @@ def timed(key, fn):
 
 from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge as GTA
 GTA.merge_group = timed("wrapped", GTA.merge_group)
-from mergekit_nan import methods
-methods.delta_norms = timed("norms", methods.delta_norms)
-methods.NanMergeMethod.merge_group = timed("nan", methods.NanMergeMethod.merge_group)
+from mergekit_nan.core import weighing
+from mergekit_nan.adapters import mergekit_0_1_5 as adapter  # this benchmark times mergekit 0.1.5
+weighing.delta_norms = timed("norms", weighing.delta_norms)
+adapter.NanTaskVectorMethod.merge_group = timed("nan", adapter.NanTaskVectorMethod.merge_group)
 from mergekit.scripts.run_yaml import main
 out_json, sys.argv = sys.argv[1], ["mergekit-yaml", *sys.argv[2:]]
 start = time.perf_counter()
@@ -77,8 +78,7 @@ with open(out_json, "w") as fh:
 
 def run_child(config: Path, out: Path, env: dict, log: Path, child: str = CHILD) -> dict:
     timings = out.with_suffix(".timings.json")
-    wall, _, _ = merge_cost.run_merge(config, out, log, [], env,
-                                      launcher=[sys.executable, "-c", child, str(timings)])
+    wall, _, _ = merge_cost.run_merge(config, out, log, [], env, launcher=[sys.executable, "-c", child, str(timings)])
     spent = json.loads(timings.read_text())
     timings.unlink()
     spent["wall"] = wall
@@ -98,8 +98,12 @@ def summarize(a: str, b: str, runs_a: list, runs_b: list) -> dict:
     own = a_med["norms"] + a_med["nan_other"]
     saving = b_med["wrapped"] - a_med["wrapped"]
     return {
-        "a": a, "b": b, "median_a": a_med, "median_b": b_med,
-        "own_s": own, "wrapped_saving_s": saving,
+        "a": a,
+        "b": b,
+        "median_a": a_med,
+        "median_b": b_med,
+        "own_s": own,
+        "wrapped_saving_s": saving,
         "wall_ratio_bound": 1 + own / b_med["wall"],
         "wall_ratio_net": 1 + (own - max(saving, 0.0)) / b_med["wall"],
         "measured_wall_ratio": a_med["wall"] / b_med["wall"],
@@ -110,8 +114,10 @@ def summarize(a: str, b: str, runs_a: list, runs_b: list) -> dict:
 def write_report(path: Path, info: dict, s: dict) -> None:
     a, b = s["median_a"], s["median_b"]
     rows = [
-        ("child wall (incl. start-up)", "wall"), ("mergekit run", "merge"),
-        ("wrapped arithmetic", "wrapped"), ("NAN norm step", "norms"),
+        ("child wall (incl. start-up)", "wall"),
+        ("mergekit run", "merge"),
+        ("wrapped arithmetic", "wrapped"),
+        ("NAN norm step", "norms"),
         ("NAN bookkeeping", "nan_other"),
     ]
     lines = [
@@ -136,15 +142,19 @@ def write_report(path: Path, info: dict, s: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default="nan_task_arithmetic:task_arithmetic",
-                    help="one A:B pair of merge_cost.METHODS")
+    ap.add_argument(
+        "--methods", default="nan_task_arithmetic:task_arithmetic", help="one A:B pair of merge_cost.METHODS"
+    )
     ap.add_argument("--reps", type=int, default=None, help="interleaved pairs (5; smoke 1)")
     ap.add_argument("--models", type=Path, default=make_smollm2.DEFAULT_OUT)
     ap.add_argument("--work", type=Path, default=HERE / "work" / "merge_breakdown")
     ap.add_argument("--out", type=Path, default=None, help="results path prefix (.md/.json)")
     ap.add_argument("--smoke", action="store_true", help="tiny random LLaMA, 1 rep")
-    ap.add_argument("--fused-prototype", action="store_true",
-                    help="run NAN's bf16 norm step through fused_bound.py's C loop (a what-if; needs cc)")
+    ap.add_argument(
+        "--fused-prototype",
+        action="store_true",
+        help="run NAN's bf16 norm step through fused_bound.py's C loop (a what-if; needs cc)",
+    )
     args = ap.parse_args()
 
     a, b = args.methods.split(":")
@@ -170,28 +180,33 @@ def main() -> None:
         if fused_bound.build(work / "fused") is None:
             raise SystemExit("--fused-prototype needs a C compiler (cc)")
         info["variant"] = "NAN's bf16 norm step by fused_bound.py's compiled C loop (prototype, not shipped)"
-        child = CHILD.replace("from mergekit.scripts.run_yaml import main", (
-            f"import ctypes; sys.path.insert(0, {str(HERE)!r}); import fused_bound\n"
-            f"fused_bound.patch_norms(ctypes.CDLL({str(work / 'fused' / 'fused.so')!r}))\n"
-            "from mergekit.scripts.run_yaml import main"))
+        child = CHILD.replace(
+            "from mergekit.scripts.run_yaml import main",
+            (
+                f"import ctypes; sys.path.insert(0, {str(HERE)!r}); import fused_bound\n"
+                f"fused_bound.patch_norms(ctypes.CDLL({str(work / 'fused' / 'fused.so')!r}))\n"
+                "from mergekit.scripts.run_yaml import main"
+            ),
+        )
     env, _ = merge_cost.snapshot_plugin(tmp / "plugin-snapshot")
     merge_cost.warm_page_cache([base, *fts])
 
     runs = {a: [], b: []}
     for m in (a, b):
-        (tmp / f"{m}.yaml").write_text(merge_cost.merge_yaml(m, base, fts))
+        merge_cost.write_config(tmp / f"{m}.yaml", merge_cost.merge_yaml(m, base, fts))
     for rep in range(reps):
         for m in (a, b):
             spent = run_child(tmp / f"{m}.yaml", tmp / "out", env, tmp / f"{m}.log", child)
             runs[m].append(spent)
-            print(f"rep {rep + 1}/{reps} {m:>22}: " + ", ".join(
-                f"{k} {v:.3f}" for k, v in sorted(spent.items())), flush=True)
+            print(
+                f"rep {rep + 1}/{reps} {m:>22}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(spent.items())),
+                flush=True,
+            )
 
     summary = summarize(a, b, runs[a], runs[b])
     info["reps"] = reps
     out_prefix = Path(out_prefix)
-    out_prefix.with_suffix(".json").write_text(
-        json.dumps({"info": info, "runs": runs, **summary}, indent=2) + "\n")
+    out_prefix.with_suffix(".json").write_text(json.dumps({"info": info, "runs": runs, **summary}, indent=2) + "\n")
     write_report(out_prefix.with_suffix(".md"), info, summary)
     print(out_prefix.with_suffix(".md").read_text())
     if args.smoke:

@@ -1,7 +1,7 @@
 """Accuracy of the chunked delta norm against a float64 reference, from 1 element to 2^30.
 
 For each dtype (bf16, fp16, fp32) and size, a base tensor and a fine-tune are drawn
-(seeded), mergekit_nan.norms.delta_norms computes ||base|| and ||tuned - base||, and
+(seeded), mergekit_nan.core.norms.delta_norms computes ||base|| and ||tuned - base||, and
 a float64 computation over the same stored values is the reference. Besides ordinary
 deltas (1e-2 of the base's scale), deltas whose squares overflow the input dtype or
 float32 and deltas whose squares underflow float32 must give finite, exact norms.
@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from mergekit_nan.norms import delta_norms  # noqa: E402
+from mergekit_nan.core.norms import delta_norms  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TOLERANCE = 1e-6
@@ -66,10 +66,10 @@ def reference(base: torch.Tensor, tuned: torch.Tensor) -> tuple[float, float]:
         return peak * math.sqrt(total)
 
     def base_piece(s):
-        return base[s:s + piece].double()
+        return base[s : s + piece].double()
 
     def delta_piece(s):
-        return tuned[s:s + piece].double() - base[s:s + piece].double()
+        return tuned[s : s + piece].double() - base[s : s + piece].double()
 
     return norm(base_piece), norm(delta_piece)
 
@@ -87,10 +87,17 @@ def check(case: str, dtype_name: str, n: int, base_scale: float, delta_scale: fl
     seconds = time.perf_counter() - start
     want_base, want_delta = reference(base, tuned)
     got_base, got_delta = result.base_norm, result.delta_norms[0]
-    row = {"case": case, "dtype": dtype_name, "elements": n, "delta_norm": got_delta,
-           "reference": want_delta, "finite": math.isfinite(got_delta) and math.isfinite(got_base),
-           "rel_error_delta": rel_error(got_delta, want_delta),
-           "rel_error_base": rel_error(got_base, want_base), "seconds": round(seconds, 3)}
+    row = {
+        "case": case,
+        "dtype": dtype_name,
+        "elements": n,
+        "delta_norm": got_delta,
+        "reference": want_delta,
+        "finite": math.isfinite(got_delta) and math.isfinite(got_base),
+        "rel_error_delta": rel_error(got_delta, want_delta),
+        "rel_error_base": rel_error(got_base, want_base),
+        "seconds": round(seconds, 3),
+    }
     row["ok"] = row["finite"] and max(row["rel_error_delta"], row["rel_error_base"]) <= TOLERANCE
     return row
 
@@ -120,10 +127,16 @@ def main() -> int:
                 print(_line(rows[-1]), flush=True)
     worst = max(max(r["rel_error_delta"], r["rel_error_base"]) for r in rows)
     failed = [r for r in rows if not r["ok"]]
-    meta = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
-            "torch": torch.__version__, "command": " ".join(sys.argv)}
-    print(f"{len(rows)} checks, sizes 1 .. 2^{args.max_log2}, worst relative error {worst:.1e} "
-          f"(tolerance {TOLERANCE:g}); failed: {len(failed)}")
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+    }
+    print(
+        f"{len(rows)} checks, sizes 1 .. 2^{args.max_log2}, worst relative error {worst:.1e} "
+        f"(tolerance {TOLERANCE:g}); failed: {len(failed)}"
+    )
     if not args.smoke:
         with open(args.out, "w", encoding="utf-8") as handle:
             json.dump({"meta": meta, "rows": rows, "worst_rel_error": worst}, handle, indent=1)
@@ -133,8 +146,10 @@ def main() -> int:
 def _line(row: dict) -> str:
     n = row["elements"]
     size = f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 and n > 2 else str(n)
-    return (f"{row['dtype']:8s} {size:>8s} {row['case']:30s} delta {row['rel_error_delta']:.1e} "
-            f"base {row['rel_error_base']:.1e} {'ok' if row['ok'] else 'FAIL'} ({row['seconds']:.2f}s)")
+    return (
+        f"{row['dtype']:8s} {size:>8s} {row['case']:30s} delta {row['rel_error_delta']:.1e} "
+        f"base {row['rel_error_base']:.1e} {'ok' if row['ok'] else 'FAIL'} ({row['seconds']:.2f}s)"
+    )
 
 
 if __name__ == "__main__":

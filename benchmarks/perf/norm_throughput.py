@@ -2,7 +2,7 @@
 
 Compares, on one tensor family (a base and K fine-tunes), in separate child processes
 so that each variant's peak RSS is its own:
-  chunked  mergekit_nan.norms.delta_norms (what the merge methods run)
+  chunked  mergekit_nan.core.norms.delta_norms (what the merge methods run)
   naive    (t.float() - base.float()).norm() per model
   memory   torch.linalg.vector_norm over float32 data already in memory: this
            machine's memory-speed ceiling for reading the same bytes
@@ -34,7 +34,9 @@ def child(variant: str, dtype_name: str, log2: int, models: int, repeat: int, de
     import torch
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-    from mergekit_nan.norms import delta_norms
+    from mergekit_nan.core.norms import Scratch, delta_norms
+
+    scratch = Scratch()  # kept between calls, as a merge's session keeps it
 
     dtype = getattr(torch, dtype_name)
     n = 1 << log2
@@ -51,7 +53,7 @@ def child(variant: str, dtype_name: str, log2: int, models: int, repeat: int, de
 
     def run():
         if variant == "chunked":
-            return list(delta_norms(base, tuned).delta_norms)
+            return list(delta_norms(base, tuned, scratch=scratch).delta_norms)
         if variant == "naive":
             return [(t.float() - base.float()).norm().item() for t in tuned]
         return [torch.linalg.vector_norm(t).item() for t in tuned]
@@ -65,8 +67,8 @@ def child(variant: str, dtype_name: str, log2: int, models: int, repeat: int, de
         for t in tuned:  # float64, chunked so the reference itself fits in memory
             total = 0.0
             for s in range(0, n, 1 << 22):
-                total += ((t[s:s + (1 << 22)].double() - base[s:s + (1 << 22)].double()) ** 2).sum().item()
-            reference.append(total ** 0.5)
+                total += ((t[s : s + (1 << 22)].double() - base[s : s + (1 << 22)].double()) ** 2).sum().item()
+            reference.append(total**0.5)
         error = max(abs(a - b) / b for a, b in zip(result, reference))
     best = float("inf")
     for _ in range(repeat):
@@ -75,9 +77,16 @@ def child(variant: str, dtype_name: str, log2: int, models: int, repeat: int, de
         run()
         sync()
         best = min(best, time.perf_counter() - start)
-    return {"variant": variant, "dtype": dtype_name, "elements": n, "models": models,
-            "gb_per_s": nbytes / best / 1e9, "seconds": best, "extra_peak_rss_mib": extra_kib / 1024,
-            "max_rel_error_vs_float64": error}
+    return {
+        "variant": variant,
+        "dtype": dtype_name,
+        "elements": n,
+        "models": models,
+        "gb_per_s": nbytes / best / 1e9,
+        "seconds": best,
+        "extra_peak_rss_mib": extra_kib / 1024,
+        "max_rel_error_vs_float64": error,
+    }
 
 
 def main():
@@ -100,8 +109,21 @@ def main():
     for _ in range(args.rounds):
         for dtype in DTYPES:
             for variant in ("chunked", "naive", "memory"):
-                command = [sys.executable, __file__, "--child", variant, dtype, "--log2", str(args.log2),
-                           "--models", str(args.models), "--repeat", str(args.repeat), "--device", args.device]
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    variant,
+                    dtype,
+                    "--log2",
+                    str(args.log2),
+                    "--models",
+                    str(args.models),
+                    "--repeat",
+                    str(args.repeat),
+                    "--device",
+                    args.device,
+                ]
                 rows.append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout))
     best = {}
     for row in rows:  # best of the interleaved rounds
@@ -110,16 +132,28 @@ def main():
             best[key] = row
     import torch
 
-    meta = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "device": args.device, "command": " ".join(sys.argv)}
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "device": args.device,
+        "command": " ".join(sys.argv),
+    }
     print(f"{meta['date']} {meta['machine']} cpus={meta['cpus']} torch={meta['torch']} device={args.device}")
-    print(f"tensors of 2^{args.log2} elements, base + {args.models} models; GB/s of input read, best of {args.rounds}x{args.repeat}")
-    print(f"| dtype | chunked GB/s | naive GB/s | float32 read (memory speed) GB/s | chunked / naive | chunked extra peak RSS MiB | naive extra peak RSS MiB | chunked rel. error vs float64 |")
+    print(
+        f"tensors of 2^{args.log2} elements, base + {args.models} models; GB/s of input read, best of {args.rounds}x{args.repeat}"
+    )
+    print(
+        "| dtype | chunked GB/s | naive GB/s | float32 read (memory speed) GB/s | chunked / naive | chunked extra peak RSS MiB | naive extra peak RSS MiB | chunked rel. error vs float64 |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for dtype in DTYPES:
         c, n, m = best[("chunked", dtype)], best[("naive", dtype)], best[("memory", dtype)]
-        print(f"| {dtype} | {c['gb_per_s']:.2f} | {n['gb_per_s']:.2f} | {m['gb_per_s']:.2f} | {c['gb_per_s'] / n['gb_per_s']:.1f}x "
-              f"| {c['extra_peak_rss_mib']:.0f} | {n['extra_peak_rss_mib']:.0f} | {c['max_rel_error_vs_float64']:.1e} |")
+        print(
+            f"| {dtype} | {c['gb_per_s']:.2f} | {n['gb_per_s']:.2f} | {m['gb_per_s']:.2f} | {c['gb_per_s'] / n['gb_per_s']:.1f}x "
+            f"| {c['extra_peak_rss_mib']:.0f} | {n['extra_peak_rss_mib']:.0f} | {c['max_rel_error_vs_float64']:.1e} |"
+        )
         assert c["max_rel_error_vs_float64"] < 1e-6, c
     if not args.smoke:
         with open(args.out, "w", encoding="utf-8") as handle:

@@ -1,9 +1,9 @@
 """Throughput of the `granularity: layer|model` pre-pass, against its two parts alone.
 
-The pre-pass (mergekit_nan.prepass) streams every tensor of the base and the
+The pre-pass (mergekit_nan.adapters.mergekit_io) streams every tensor of the base and the
 fine-tunes through mergekit's loaders and norms the deltas. Timed here, in one
 process, interleaved, best of `--rounds`:
-  prepass   mergekit_nan.prepass._compute, as a merge runs it (model granularity)
+  prepass   mergekit_nan.adapters.mergekit_io._compute, as a merge runs it (model granularity)
   read      the same loads through mergekit's loaders, no norms (the reading alone)
   norms     delta_norms over the same tensors already in memory (the kernel alone)
 GB/s are bytes of input tensors (base + fine-tunes) per second. The pre-pass also
@@ -29,8 +29,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import merge_cost  # noqa: E402
 import make_smollm2  # noqa: E402
+import merge_cost  # noqa: E402
 
 
 def main() -> None:
@@ -44,8 +44,9 @@ def main() -> None:
     import torch
     from mergekit.common import ModelReference
 
-    from mergekit_nan import prepass
-    from mergekit_nan.norms import delta_norms
+    from mergekit_nan.adapters import mergekit_io as prepass
+    from mergekit_nan.core.norms import delta_norms
+    from mergekit_nan.core.parameters import NanSettings
 
     if args.smoke:
         args.rounds = 1
@@ -61,34 +62,37 @@ def main() -> None:
     loads = collections.Counter()
     real_load = prepass._load
 
-    def counting_load(model, name, aliases, dtype, device):
-        tensor = real_load(model, name, aliases, dtype, device)
+    settings = NanSettings(granularity=args.granularity)
+    # every stored tensor once (a tied head is the embedding, stored once)
+    stored = {}
+    for name, (_, aliases) in groups.items():
+        keys = tuple(prepass._stored_key(m, (name, *aliases)) for m in (base, *models))
+        if keys[0] is not None:
+            stored.setdefault(keys, name)
+
+    def counting_load(model, key, dtype, device):
+        tensor = real_load(model, key, dtype, device)
         if tensor is not None:
-            loads[(str(model), name)] += 1
+            loads[(str(model), key)] += 1
         return tensor
 
     def run_prepass():
         loads.clear()
         prepass._load = counting_load
         try:
-            return prepass._compute(base, tuple(models), args.granularity, "delta", dtype, device)
+            return prepass._compute(base, tuple(models), settings, dtype, device)
         finally:
             prepass._load = real_load
 
     def run_read():
         count = 0
-        for name, (_, aliases) in groups.items():
-            for model in (base, *models):
-                tensor = real_load(model, name, aliases, dtype, device)
+        for keys in stored:
+            for model, key in zip((base, *models), keys):
+                tensor = real_load(model, key, dtype, device)
                 count += 0 if tensor is None else tensor.numel() * tensor.element_size()
         return count
 
-    in_memory, present = [], []
-    for name, (_, aliases) in groups.items():
-        tensors = [real_load(m, name, aliases, dtype, device) for m in (base, *models)]
-        if tensors[0] is not None:
-            in_memory.append(tensors)
-            present.append(name)
+    in_memory = [[real_load(m, k, dtype, device) for m, k in zip((base, *models), keys)] for keys in stored]
 
     def run_norms():
         for tensors in in_memory:
@@ -102,30 +106,45 @@ def main() -> None:
             start = time.perf_counter()
             fn()
             best[label] = min(best[label], time.perf_counter() - start)
-    expected = {(str(m), name) for name in present for m in (base, *models)}
+    expected = {(str(m), key) for keys in stored for m, key in zip((base, *models), keys)}
     read_once = set(loads) == expected and set(loads.values()) == {1}
 
     gbps = {k: nbytes / v / 1e9 for k, v in best.items()}
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "model": str(base_dir), "fine-tunes": len(models), "granularity": args.granularity,
-            "input_bytes": nbytes, "rounds": args.rounds, "load_average": os.getloadavg()}
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "model": str(base_dir),
+        "fine-tunes": len(models),
+        "granularity": args.granularity,
+        "input_bytes": nbytes,
+        "rounds": args.rounds,
+        "load_average": os.getloadavg(),
+    }
     print(f"{meta['date']} {meta['machine']} cpus={meta['cpus']} load={meta['load_average'][0]:.2f}")
-    print(f"{base_dir.name} + {len(models)} fine-tunes, {nbytes / 1e9:.2f} GB of bf16 input tensors, "
-          f"granularity {args.granularity}, best of {args.rounds}")
+    print(
+        f"{base_dir.name} + {len(models)} fine-tunes, {nbytes / 1e9:.2f} GB of bf16 input tensors, "
+        f"granularity {args.granularity}, best of {args.rounds}"
+    )
     print("| pass | seconds | GB/s of input |")
     print("|---|---|---|")
     for label in ("prepass", "read", "norms"):
         print(f"| {label} | {best[label]:.3f} | {gbps[label]:.2f} |")
     ideal = best["read"] + best["norms"]
-    print(f"pre-pass / (read + norms) = {best['prepass'] / ideal:.3f}; "
-          f"every input tensor read exactly once: {read_once} ({sum(loads.values())} loads)")
+    print(
+        f"pre-pass / (read + norms) = {best['prepass'] / ideal:.3f}; "
+        f"every input tensor read exactly once: {read_once} ({sum(loads.values())} loads)"
+    )
     if not read_once:
         raise SystemExit("the pre-pass did not read each input tensor exactly once")
     if not args.smoke:
         with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump({"meta": meta, "seconds": best, "gb_per_s": gbps, "read_once": read_once,
-                       "loads": sum(loads.values())}, handle, indent=1)
+            json.dump(
+                {"meta": meta, "seconds": best, "gb_per_s": gbps, "read_once": read_once, "loads": sum(loads.values())},
+                handle,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

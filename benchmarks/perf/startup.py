@@ -30,12 +30,14 @@ def main():
         import_us.append(int(hook[-1].split("|")[1]))
         modules |= {line.split("|")[2].strip() for line in lines}
     heavy = sorted(m for m in modules if m.split(".")[0] in ("torch", "mergekit", "mergekit_nan", "transformers"))
-    code = "import _mergekit_nan_hook as h, sys; f = [x for x in sys.meta_path if type(x).__name__ == '_RegistryFinder']"
+    code = "import _mergekit_nan_hook as h, sys; f = [x for x in sys.meta_path if type(x).__name__ == '_TargetFinder']"
     setup = code + "; sys.meta_path[:] = [x for x in sys.meta_path if x not in f]"
     install_us = min(timeit.repeat("h.install(); sys.meta_path.pop(0)", setup, number=1000, repeat=5)) / 1000 * 1e6
     total = statistics.median(import_us) + install_us
-    print(f"hook import (median of {runs} starts): {statistics.median(import_us)} us; install(): {install_us:.1f} us;"
-          f" total {total / 1000:.3f} ms; heavy modules imported at start-up: {heavy or 'none'}")
+    print(
+        f"hook import (median of {runs} starts): {statistics.median(import_us)} us; install(): {install_us:.1f} us;"
+        f" total {total / 1000:.3f} ms; heavy modules imported at start-up: {heavy or 'none'}"
+    )
     assert not heavy
 
 

@@ -28,7 +28,7 @@ This benchmark builds that setting and checks both steps:
   runs above and in a label-noise sweep (iso inputs), since the norm only carries
   information about n_k through the fitted noise.
 
-NAN's coefficients come from mergekit_nan/coefficients.py, loaded by file path
+NAN's coefficients come from mergekit_nan/core/coefficients.py, loaded by file path
 so that neither mergekit nor torch is imported. Pure numpy, float64, one thread.
 
     python benchmarks/theory/run.py            # full run, writes results.md/.json here
@@ -58,11 +58,11 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-COEFFICIENTS_PY = REPO / "mergekit_nan" / "coefficients.py"
+COEFFICIENTS_PY = REPO / "mergekit_nan" / "core" / "coefficients.py"
 
 
 def load_coefficients():
-    """Import mergekit_nan/coefficients.py alone (not the package __init__)."""
+    """Import mergekit_nan/core/coefficients.py alone (not the package __init__)."""
     name = "_nan_coefficients"
     spec = importlib.util.spec_from_file_location(name, COEFFICIENTS_PY)
     module = importlib.util.module_from_spec(spec)
