@@ -56,6 +56,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared benchmark helpers
+from rank_correlation import spearman
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 COEFFICIENTS_PY = REPO / "mergekit_nan" / "core" / "coefficients.py"
@@ -125,29 +128,6 @@ def sgd(W0, X, Y, cfg, rng, epochs=None, steps=None):
 def mse(W, data):
     X, Y = data
     return float(np.mean((X @ W - Y) ** 2))
-
-
-def rank(values):
-    """1-based ranks, ties get the average rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for t in range(i, j + 1):
-            ranks[order[t]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(a, b):
-    """Spearman's rho = Pearson correlation of the ranks (nan if a side is constant)."""
-    ra, rb = np.array(rank(list(a))), np.array(rank(list(b)))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = math.sqrt(float(ra @ ra) * float(rb @ rb))
-    return float(ra @ rb) / denom if denom > 0 else float("nan")
 
 
 # ----------------------------------------------------------------------------- one run
@@ -226,9 +206,7 @@ def run_one(seed, setting, scales, regime, cfg, coeffs):
         "test_mse": per_task,
         "test_mse_mean": {m: float(np.mean(v)) for m, v in per_task.items()},
         "test_mse_pooled": {m: float(np.dot(v, n) / n.sum()) for m, v in per_task.items()},
-        "test_mse_rel_base": {
-            m: float(np.mean(np.array(v) / np.array(per_task["base"]))) for m, v in per_task.items()
-        },
+        "test_mse_rel_base": {m: float(np.mean(np.array(v) / np.array(per_task["base"]))) for m, v in per_task.items()},
     }
 
 
@@ -249,13 +227,15 @@ def proxy_sweep(cfg, coeffs):
                 rhos.append(spearman(alpha, cfg.sizes))
                 big, small = int(np.argmax(cfg.sizes)), int(np.argmin(cfg.sizes))
                 ratios.append(alpha[big] / alpha[small])
-            rows.append({
-                "noise": noise,
-                "regime": regime,
-                "norms": [stats(col) for col in zip(*norms)],
-                "spearman_alpha_n": stats(rhos),
-                "alpha_ratio_maxn_minn": stats(ratios),
-            })
+            rows.append(
+                {
+                    "noise": noise,
+                    "regime": regime,
+                    "norms": [stats(col) for col in zip(*norms)],
+                    "spearman_alpha_n": stats(rhos),
+                    "alpha_ratio_maxn_minn": stats(ratios),
+                }
+            )
     return rows
 
 
@@ -286,14 +266,17 @@ def summarize(runs, cfg, settings):
                     "per_task": [stats([r["test_mse"][m][k] for r in rs]) for k in range(len(cfg.sizes))],
                 }
             for k, (n, s) in enumerate(zip(cfg.sizes, scales)):
-                block["tasks"].append({
-                    "n": n, "scale": s,
-                    "steps": stats([r["steps"][k] for r in rs]),
-                    "norm": stats([r["norms"][k] for r in rs]),
-                    "alpha_T1": stats([r["alpha"]["T1"][k] for r in rs]),
-                    "alpha_T0.5": stats([r["alpha"]["T0.5"][k] for r in rs]),
-                    "n_share": n / sum(cfg.sizes),
-                })
+                block["tasks"].append(
+                    {
+                        "n": n,
+                        "scale": s,
+                        "steps": stats([r["steps"][k] for r in rs]),
+                        "norm": stats([r["norms"][k] for r in rs]),
+                        "alpha_T1": stats([r["alpha"]["T1"][k] for r in rs]),
+                        "alpha_T0.5": stats([r["alpha"]["T0.5"][k] for r in rs]),
+                        "n_share": n / sum(cfg.sizes),
+                    }
+                )
             for tag in ("T1", "T0.5"):
                 block[f"spearman_alpha_n_{tag}"] = stats([r["spearman_alpha_n"][tag] for r in rs])
                 block[f"spearman_alpha_info_{tag}"] = stats([r["spearman_alpha_info"][tag] for r in rs])
@@ -315,7 +298,7 @@ def markdown(summary, sweep, cfg, meta):
         f"noise sigma={cfg.noise}, shared={cfg.shared}, specific={cfg.specific}, SGD lr={cfg.lr} batch={cfg.batch}, "
         f"epochs={cfg.epochs} / steps={cfg.steps}, n_val={cfg.n_val}, n_test={cfg.n_test}, seeds={cfg.seeds}",
         "- numbers: mean ± sample std over seeds. MSE = mean squared error on each task's held-out test set "
-        f"(noise floor sigma^2 = {cfg.noise ** 2:g}); 'mean MSE' averages the tasks equally, 'pooled MSE' weights "
+        f"(noise floor sigma^2 = {cfg.noise**2:g}); 'mean MSE' averages the tasks equally, 'pooled MSE' weights "
         "them by n_k (the objective the joint least-squares oracle and eq. 9 optimize); "
         "'rel. W0' = mean over tasks of MSE / MSE(W0).",
         "",
@@ -338,7 +321,8 @@ def markdown(summary, sweep, cfg, meta):
     lines += [
         "## Does the norm proxy rank tasks by n_k? (iso inputs, T=1, label-noise sweep)",
         "",
-        "| noise sigma | regime | " + " | ".join(f"‖Δ‖ n={n}" for n in cfg.sizes)
+        "| noise sigma | regime | "
+        + " | ".join(f"‖Δ‖ n={n}" for n in cfg.sizes)
         + " | Spearman(alpha, n) | alpha(n_max) / alpha(n_min) |",
         "|---" * (4 + len(cfg.sizes)) + "|",
     ]
@@ -395,13 +379,20 @@ def pm_s(mean_std, digits=3):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, 2 seeds, a few seconds; writes no files unless --out-dir")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, 2 seeds, a few seconds; writes no files unless --out-dir"
+    )
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--d-in", type=int, default=64)
     p.add_argument("--d-out", type=int, default=8)
     p.add_argument("--sizes", type=int, nargs="+", default=[50, 200, 1000, 5000], help="n_k per task")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.5, 0.5, 2.0, 1.0],
-                   help="input scale s_k per task in the 'scaled' setting ('iso' uses 1)")
+    p.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=[1.5, 0.5, 2.0, 1.0],
+        help="input scale s_k per task in the 'scaled' setting ('iso' uses 1)",
+    )
     p.add_argument("--noise", type=float, default=1.0, help="label noise std")
     p.add_argument("--shared", type=float, default=1.0, help="size of the shared shift U")
     p.add_argument("--specific", type=float, default=1.0, help="size of the task-specific shift P_k")
@@ -409,12 +400,21 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--epochs", type=int, default=10, help="'epochs' regime: epochs per task")
     p.add_argument("--steps", type=int, default=1000, help="'steps' regime: SGD steps per task")
-    p.add_argument("--sweep-noise", type=float, nargs="+", default=[0.1, 0.5, 1.0, 3.0],
-                   help="label-noise levels for the proxy sweep")
+    p.add_argument(
+        "--sweep-noise",
+        type=float,
+        nargs="+",
+        default=[0.1, 0.5, 1.0, 3.0],
+        help="label-noise levels for the proxy sweep",
+    )
     p.add_argument("--n-val", type=int, default=1000)
     p.add_argument("--n-test", type=int, default=5000)
-    p.add_argument("--out-dir", type=Path, default=None,
-                   help=f"where results.md/.json go (default {HERE.relative_to(REPO)} for a full run, none for --smoke)")
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help=f"where results.md/.json go (default {HERE.relative_to(REPO)} for a full run, none for --smoke)",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         # --smoke overrides these, whatever else is on the command line
@@ -466,8 +466,14 @@ def main(argv=None):
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         (cfg.out_dir / "results.md").write_text(md + "\n")
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()}
-        payload = {"meta": meta, "config": config, "methods": dict(METHODS), "summary": summary,
-                   "proxy_sweep": sweep, "runs": runs}
+        payload = {
+            "meta": meta,
+            "config": config,
+            "methods": dict(METHODS),
+            "summary": summary,
+            "proxy_sweep": sweep,
+            "runs": runs,
+        }
         (cfg.out_dir / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
         print(f"\nwrote {cfg.out_dir / 'results.md'} and {cfg.out_dir / 'results.json'}", file=sys.stderr)
     return 0
