@@ -1,10 +1,11 @@
 """Score a (merged) encoder on every task with that task's own cached head.
 
-    python evaluate.py MODEL_DIR [--cache cache/seed0] [--split test]
+    python evaluate.py MODEL_DIR [--cache cache/epochs/seed0] [--split test]
 
 MODEL_DIR is any BertForSequenceClassification directory whose encoder tensors
 (`bert.*`) match the cached fine-tunes, e.g. the output of `mergekit-yaml`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,11 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
-from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification
-
 from finetune import DEFAULT_CACHE, MAX_LEN, tokenizer
+from safetensors.torch import load_file
 from tasks import load_tasks
+from transformers import BertConfig, BertForSequenceClassification
 
 Z95 = 1.959963984540054
 
@@ -54,8 +54,15 @@ def paired_diff_ci(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], z: fl
 class Evaluator:
     """Holds pre-tokenised eval sets and heads, scores any encoder directory."""
 
-    def __init__(self, cache_root: Path, split: str = "test", tasks=None,
-                 scale: float | None = None, batch_size: int = 64, limit: int | None = None):
+    def __init__(
+        self,
+        cache_root: Path,
+        split: str = "test",
+        tasks=None,
+        scale: float | None = None,
+        batch_size: int = 64,
+        limit: int | None = None,
+    ):
         meta = json.loads((cache_root / "meta.json").read_text())
         self.cache_root = cache_root
         self.names = [t for t in (tasks or meta["tasks"]) if t in meta["tasks"]]
@@ -67,17 +74,15 @@ class Evaluator:
             # the split is a seeded shuffle, so its first `limit` examples are a random subset
             examples = getattr(task_data[name], split)[:limit]
             encoded = tok([t for t, _ in examples], truncation=True, max_length=MAX_LEN)
-            rows = sorted(zip(encoded["input_ids"], (y for _, y in examples)),
-                          key=lambda r: len(r[0]))
+            rows = sorted(zip(encoded["input_ids"], (y for _, y in examples)), key=lambda r: len(r[0]))
             # token-length order with small batches: ~3% padding instead of ~45% with
             # 256-example batches sorted by characters; scoring is compute-bound
             self.batches[name] = []
             for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
+                chunk = rows[start : start + batch_size]
                 enc = tok.pad({"input_ids": [ids for ids, _ in chunk]}, return_tensors="pt")
                 self.batches[name].append((dict(enc), torch.tensor([y for _, y in chunk])))
-        self.heads = {n: load_file(str(cache_root / "heads" / f"{n}.safetensors"))
-                      for n in self.names}
+        self.heads = {n: load_file(str(cache_root / "heads" / f"{n}.safetensors")) for n in self.names}
         self.probe_heads = {}
         for n in self.names:
             path = cache_root / "heads" / f"{n}.probe.safetensors"
@@ -88,7 +93,7 @@ class Evaluator:
 
     def load_encoder(self, model_dir: Path | dict) -> None:
         state = model_dir if isinstance(model_dir, dict) else _read_state(Path(model_dir))
-        encoder = {k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")}
+        encoder = {k[len("bert.") :]: v for k, v in state.items() if k.startswith("bert.")}
         missing, unexpected = self.model.bert.load_state_dict(encoder, strict=False)
         missing = [k for k in missing if "position_ids" not in k]
         if missing or unexpected:
@@ -128,23 +133,26 @@ def summarize(hits: dict[str, torch.Tensor]) -> dict:
         lo, hi = wilson(c, n)
         row[name] = {"acc": c / n, "lo": lo, "hi": hi, "n": n}
     avg, half = mean_ci(hits)
-    row["avg"] = {"acc": avg, "lo": avg - half, "hi": avg + half,
-                  "n": sum(len(h) for h in hits.values())}
+    row["avg"] = {"acc": avg, "lo": avg - half, "hi": avg + half, "n": sum(len(h) for h in hits.values())}
     return row
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model_dir", type=Path)
-    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE / "seed0")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=DEFAULT_CACHE / "epochs" / "seed0",
+        help="a fine-tune cache (cache/<regime>/seed<k>): its heads score the model",
+    )
     ap.add_argument("--split", default="test", choices=["test", "val"])
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     ev = Evaluator(args.cache, args.split)
     for name, r in summarize(ev.score(args.model_dir)).items():
-        print(f"{name:9s} {100 * r['acc']:6.2f}  [{100 * r['lo']:.2f}, {100 * r['hi']:.2f}]"
-              f"  n={r['n']}")
+        print(f"{name:9s} {100 * r['acc']:6.2f}  [{100 * r['lo']:.2f}, {100 * r['hi']:.2f}]  n={r['n']}")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,25 @@
 """Merge the cached fine-tunes with mergekit-yaml and score every task.
 
-    python run.py --threads 2   # full tables (fine-tunes first if not cached)
-    python run.py --smoke       # ~1 minute: tiny data, few steps, a few merges
+    python run.py --threads 1   # every regime's tables (fine-tunes first if not cached)
+    python run.py --smoke       # 1-2 minutes: tiny data, few steps, a few merges per regime
 
-Main rows (every stock method, and its NAN version at T=1) run on every
-fine-tuning seed; the ablation rows (other temperatures, layer and model
-granularity) run on the first seed.  DARE's drop seed is the fine-tuning seed.
-Writes results/results.md, results/results.json, results/per_task.png, hits.pt
-and the mergekit configs (results/configs/).  Merged models go to work/ and are
-deleted after scoring.  Rows whose merge method mergekit does not know are skipped.
+Per fine-tuning regime (`--regimes`, default epochs steps intensity; see
+finetune.REGIMES): main rows (every stock method, its NAN version at T=1, task
+arithmetic with lambda from the validation split) on every fine-tuning seed; the
+other temperatures on the first seed; layer and model granularity on the first
+seed of the regimes in `--granularity-regimes` (default: epochs).  DARE's drop
+seed is the fine-tuning seed.  Writes results/results.md, results/results.json,
+results/per_task.png, hits.pt and the mergekit configs (results/configs/<regime>/).
+Merged models go to work/ and are deleted after scoring.  Each row's hits are
+kept in cache/<regime>/seed<k>/rows/ and reused while its config, the fine-tunes
+and the test set are unchanged (`--fresh` recomputes).  Rows whose merge method
+mergekit does not know are skipped.
 """
+
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -24,12 +31,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch
-import yaml
-from safetensors.torch import load_file
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared benchmark helpers
 
 import finetune
+import torch
 from evaluate import Evaluator, summarize
+from rank_correlation import spearman
+from safetensors.torch import load_file
+
+from mergekit_nan.yaml_run import merge_config, run_mergekit_yaml, write_config
 
 HERE = Path(__file__).resolve().parent
 
@@ -51,134 +61,221 @@ GRANULARITIES = ["layer", "model"]  # ablations beside the default "tensor"
 GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0]
 
 
-def mergekit_exe() -> str:
-    local = Path(sys.executable).parent / "mergekit-yaml"
-    return str(local) if local.exists() else (shutil.which("mergekit-yaml") or "mergekit-yaml")
-
-
 def registered_methods() -> set[str]:
     """Method names a fresh interpreter (as mergekit-yaml starts) knows."""
-    code = ("import json, mergekit.merge_methods as m; "
-            "print(json.dumps([x.spec.name for x in m.registered_methods()]))")
+    code = "import json, mergekit.merge_methods as m; print(json.dumps([x.spec.name for x in m.registered_methods()]))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(out.stderr)
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def write_config(path: Path, method: str, base: Path, models: list[Path],
-                 model_params: dict, global_params: dict) -> None:
-    config = {
-        "merge_method": method,
-        "base_model": str(base.resolve()),  # absolute: a relative a/b looks like a hub id
-        "models": [{"model": str(m.resolve()), "parameters": dict(model_params)}
-                   for m in models],
-        "dtype": "float32",
-    }
-    if global_params:
-        config["parameters"] = dict(global_params)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+ROW_CACHE_VERSION = 1  # bump when scoring or row bookkeeping changes
 
 
-def run_mergekit(config: Path, out_dir: Path, seed: int | None, threads: int) -> float:
-    shutil.rmtree(out_dir, ignore_errors=True)
-    cmd = [mergekit_exe(), str(config), str(out_dir), "--quiet", "--no-cuda"]
-    if seed is not None:
-        cmd += ["--random-seed", str(seed)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return time.time() - t0
+def mean_coefficients(record_path: Path, tasks: list[str]) -> dict:
+    """Per task: NAN's mean coefficient over the tensors in which any model takes part
+    (the model card's definition), read from the merge's nan_coefficients.json."""
+    doc = json.loads(record_path.read_text())
+    names = [Path(m).name for m in doc["models"]]
+    sums, counts, tensors = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0), 0
+    for t in doc["tensors"]:
+        coefs = t["coefficients"]
+        if not any(c for c in coefs if c is not None):
+            continue  # no model changed this tensor (frozen word embeddings, common head)
+        tensors += 1
+        for name, c in zip(names, coefs):
+            if c is not None:
+                sums[name] += c
+                counts[name] += 1
+    return {"tensors": tensors, "mean_coefficient": {t: sums[t] / counts[t] for t in tasks if counts[t]}}
 
 
 class SeedRun:
-    """Every row for one fine-tuning seed: hits per row name, plus row details."""
+    """Every row for one regime and fine-tuning seed: hits per row name, plus row details."""
 
-    def __init__(self, args, seed: int):
-        self.args, self.seed = args, seed
-        self.root = (args.cache / "smoke" if args.smoke else args.cache) / f"seed{seed}"
+    def __init__(self, args, regime: str, seed: int):
+        self.args, self.regime, self.seed = args, regime, seed
+        self.root = finetune.cache_root(args.cache, regime, seed, args.smoke)
         self.meta = json.loads((self.root / "meta.json").read_text())
         self.tasks = sorted(self.meta["tasks"], key=lambda t: -self.meta["tasks"][t]["n_train"])
         self.base = self.root / "models" / "base"
         self.models = [self.root / "models" / t for t in self.tasks]
         self.hits: dict[str, dict[str, torch.Tensor]] = {}
         self.info: dict[str, dict] = {}
-        t0 = time.time()
-        self.test = Evaluator(self.root, "test", self.tasks, limit=args.test_per_task)
-        self.val = Evaluator(self.root, "val", self.tasks)
-        print(f"seed {seed}: tokenised eval sets in {time.time() - t0:.0f}s", flush=True)
+        self.label = f"{regime} seed {seed}"
+        # what every cached row depends on besides its own config: the fine-tunes, the test set
+        fingerprint = {t: (m["recipe"], m["delta_norm"]) for t, m in self.meta["tasks"].items()}
+        self.fingerprint = [ROW_CACHE_VERSION, args.test_per_task, fingerprint]
+        self.row_dir = self.root / "rows"
+        self._test = self._val = None
 
-    def add(self, name, hits, **info):
+    # evaluators are built on first use: a run whose rows are all cached never tokenises
+    @property
+    def test(self):
+        if self._test is None:
+            t0 = time.time()
+            self._test = Evaluator(self.root, "test", self.tasks, limit=self.args.test_per_task)
+            print(f"[{self.label}] tokenised test sets in {time.time() - t0:.0f}s", flush=True)
+        return self._test
+
+    @property
+    def val(self):
+        if self._val is None:
+            self._val = Evaluator(self.root, "val", self.tasks)
+        return self._val
+
+    def cached(self, name, key, compute):
+        """Row `name` from the row cache if its key matches, else compute() -> (hits, info)."""
+        tag = _tag(name)
+        digest = hashlib.sha256(json.dumps([self.fingerprint, key], sort_keys=True, default=str).encode()).hexdigest()
+        path = self.row_dir / f"{tag}.pt"
+        if path.exists() and not self.args.fresh:
+            row = torch.load(path)
+            if row["key"] == digest:
+                self.add(name, row["hits"], cached=True, **row["info"])
+                return row["info"]
+        hits, info = compute()
+        info["computed_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.row_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": digest, "hits": {t: h.bool() for t, h in hits.items()}, "info": info}, path)
+        self.add(name, hits, **info)
+        return info
+
+    def add(self, name, hits, cached=False, **info):
         self.hits[name] = hits
-        self.info[name] = info
+        self.info[name] = dict(info, cached_row=cached)
         avg = summarize(hits)["avg"]
-        print(f"[seed {self.seed}] {name:36s} avg {100 * avg['acc']:6.2f}  "
-              + " ".join(f"{t}={100 * hits[t].float().mean().item():.1f}" for t in self.tasks)
-              + f"  ({info.get('seconds', 0):.0f}s)", flush=True)
+        print(
+            f"[{self.label}] {name:36s} avg {100 * avg['acc']:6.2f}  "
+            + " ".join(f"{t}={100 * hits[t].float().mean().item():.1f}" for t in self.tasks)
+            + f"  ({info.get('seconds', 0):.0f}s{', cached' if cached else ''})",
+            flush=True,
+        )
 
-    def merge_row(self, name, method, model_params, global_params, keep=False, **info):
-        tag = "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "_" for c in name)
-        config = self.args.out / "configs" / f"seed{self.seed}" / f"{tag}.yml"
-        write_config(config, method, self.base, self.models, model_params, global_params)
-        out_dir = self.args.work / f"seed{self.seed}-{tag}"
-        drop_seed = self.seed if method.removeprefix("nan_") in RANDOMIZED else None
-        merge_s = run_mergekit(config, out_dir, drop_seed, self.args.threads)
+    def merge(self, name, method, model_params, global_params):
+        """Write the config to <out>/configs/<regime>/seed<k>/ (also for a cached row);
+        returns (config path, output dir, mergekit-yaml options) for run_merge."""
+        tag = _tag(name)
+        config = merge_config(
+            method,
+            self.models,
+            base=self.base,
+            model_parameters=model_params,
+            parameters=global_params or None,
+            dtype="float32",
+        )
+        path = write_config(self.args.out / "configs" / self.regime / f"seed{self.seed}" / f"{tag}.yml", config)
+        out_dir = self.args.work / f"{self.regime}-seed{self.seed}-{tag}"
+        options = ["--quiet", "--no-cuda"]
+        if method.removeprefix("nan_") in RANDOMIZED:
+            options += ["--random-seed", str(self.seed)]
+        return path, out_dir, options
+
+    def run_merge(self, path, out_dir, options) -> float:
         t0 = time.time()
-        hits = self.test.score(out_dir)
-        eval_s = time.time() - t0
-        if not (self.args.keep or keep):
-            shutil.rmtree(out_dir, ignore_errors=True)
-        self.add(name, hits, method=method, model_params=model_params,
-                 global_params=global_params, merge_seconds=round(merge_s, 1),
-                 eval_seconds=round(eval_s, 1), seconds=merge_s + eval_s, **info)
-        return out_dir
+        run_mergekit_yaml(path, out_dir, options, threads=self.args.threads, clear=True)
+        return time.time() - t0
+
+    def merge_row(self, name, method, model_params, global_params, **info):
+        path, out_dir, options = self.merge(name, method, model_params, global_params)
+
+        def compute():
+            merge_s = self.run_merge(path, out_dir, options)
+            t0 = time.time()
+            hits = self.test.score(out_dir)
+            eval_s = time.time() - t0
+            extra = {}
+            record = out_dir / "nan_coefficients.json"
+            if record.exists():
+                extra["nan"] = mean_coefficients(record, self.tasks)
+            if not self.args.keep:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            return hits, dict(
+                method=method,
+                model_params=model_params,
+                global_params=global_params,
+                options=options,
+                merge_seconds=round(merge_s, 1),
+                eval_seconds=round(eval_s, 1),
+                seconds=merge_s + eval_s,
+                **extra,
+                **info,
+            )
+
+        return self.cached(name, [path.read_text(), options], compute)
 
     def reference_rows(self):
-        t0 = time.time()
-        self.add("pretrained (fine-tuned heads)", self.test.score(self.base),
-                 seconds=time.time() - t0)
-        if self.args.probe_row:  # pretrained encoder + heads trained on it (no fine-tuning)
+        def pretrained():
             t0 = time.time()
-            self.add("pretrained + linear probe", self.test.score(self.base, probe=True),
-                     seconds=time.time() - t0)
-        t0 = time.time()
-        hits = {}
-        for task, model in zip(self.tasks, self.models):
-            hits.update(self.test.score(model, tasks=[task]))
-        self.add("individual", hits, seconds=time.time() - t0)
+            return self.test.score(self.base), {"seconds": time.time() - t0}
+
+        self.cached("pretrained (fine-tuned heads)", "pretrained", pretrained)
+        if self.args.probe_row:  # pretrained encoder + heads trained on it (no fine-tuning)
+
+            def probe():
+                t0 = time.time()
+                return self.test.score(self.base, probe=True), {"seconds": time.time() - t0}
+
+            self.cached("pretrained + linear probe", "probe", probe)
+
+        def individual():
+            t0 = time.time()
+            hits = {}
+            for task, model in zip(self.tasks, self.models):
+                hits.update(self.test.score(model, tasks=[task]))
+            return hits, {"seconds": time.time() - t0}
+
+        self.cached("individual", "individual", individual)
 
     def grid_row(self, grid):
         """Task arithmetic, one lambda for all tasks, chosen by mean val accuracy."""
-        t0 = time.time()
-        base = load_file(str(self.base / "model.safetensors"))
-        delta_sum = {k: v.clone().zero_() for k, v in base.items() if k.startswith("bert.")}
-        for model in self.models:
-            tuned = load_file(str(model / "model.safetensors"))
-            for k in delta_sum:
-                delta_sum[k] += tuned[k] - base[k]
-        val_curve = {}
-        for lam in grid:  # same formula as mergekit task_arithmetic, normalize: false
-            state = {k: base[k] + lam * delta_sum[k] for k in delta_sum}
-            val_curve[lam] = summarize(self.val.score(state))["avg"]["acc"]
-        best = max(grid, key=lambda lam: val_curve[lam])
-        search_s = time.time() - t0
-        print("lambda grid (val avg): "
-              + ", ".join(f"{k}:{100 * v:.1f}" for k, v in val_curve.items()))
-        out_dir = self.merge_row(
-            GRID_ROW, "task_arithmetic", {"weight": best}, {}, keep=True, lambda_star=best,
-            search_seconds=round(search_s, 1),
-            val_curve={f"{k:g}": v for k, v in val_curve.items()})
-        # sanity: mergekit's output is the in-process base + lambda * sum(deltas)
-        merged = load_file(str(out_dir / "model.safetensors"))
-        diff = max((merged[k] - (base[k] + best * delta_sum[k])).abs().max().item()
-                   for k in delta_sum)
-        if not self.args.keep:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        print(f"grid check: max |mergekit - in-process| = {diff:.2e}")
-        self.info[GRID_ROW]["grid_max_abs_diff_vs_mergekit"] = diff
+
+        def compute():
+            t0 = time.time()
+            base = load_file(str(self.base / "model.safetensors"))
+            delta_sum = {k: v.clone().zero_() for k, v in base.items() if k.startswith("bert.")}
+            for model in self.models:
+                tuned = load_file(str(model / "model.safetensors"))
+                for k in delta_sum:
+                    delta_sum[k] += tuned[k] - base[k]
+            val_curve = {}
+            for lam in grid:  # same formula as mergekit task_arithmetic, normalize: false
+                state = {k: base[k] + lam * delta_sum[k] for k in delta_sum}
+                val_curve[lam] = summarize(self.val.score(state))["avg"]["acc"]
+            best = max(grid, key=lambda lam: val_curve[lam])
+            search_s = time.time() - t0
+            print(
+                f"[{self.label}] lambda grid (val avg): "
+                + ", ".join(f"{k}:{100 * v:.1f}" for k, v in val_curve.items()),
+                flush=True,
+            )
+            path, out_dir, options = self.merge(GRID_ROW, "task_arithmetic", {"weight": best}, {})
+            merge_s = self.run_merge(path, out_dir, options)
+            t1 = time.time()
+            hits = self.test.score(out_dir)
+            eval_s = time.time() - t1
+            # sanity: mergekit's output is the in-process base + lambda * sum(deltas)
+            merged = load_file(str(out_dir / "model.safetensors"))
+            diff = max((merged[k] - (base[k] + best * delta_sum[k])).abs().max().item() for k in delta_sum)
+            if not self.args.keep:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            print(f"[{self.label}] grid check: max |mergekit - in-process| = {diff:.2e}", flush=True)
+            return hits, dict(
+                method="task_arithmetic",
+                model_params={"weight": best},
+                global_params={},
+                options=options,
+                lambda_star=best,
+                search_seconds=round(search_s, 1),
+                val_curve={f"{k:g}": v for k, v in val_curve.items()},
+                merge_seconds=round(merge_s, 1),
+                eval_seconds=round(eval_s, 1),
+                seconds=search_s + merge_s + eval_s,
+                grid_max_abs_diff_vs_mergekit=diff,
+            )
+
+        self.cached(GRID_ROW, ["grid", grid], compute)
 
     def method_rows(self, method, known, temperatures, granularities, skipped):
         spec = METHODS[method]
@@ -189,19 +286,47 @@ class SeedRun:
             return
         # T=1 at tensor granularity is NAN's default; the rest are ablations
         variants = [(f"{nan} T={t:g}", {"temperature": t}, t != 1.0) for t in temperatures]
-        variants += [(f"{nan} T=1 granularity={g}", {"temperature": 1.0, "granularity": g}, True)
-                     for g in granularities]
+        variants += [
+            (f"{nan} T=1 granularity={g}", {"temperature": 1.0, "granularity": g}, True) for g in granularities
+        ]
         for name, extra, ablation in variants:
             try:
-                self.merge_row(name, nan, spec["model"], dict(spec["global"], **extra),
-                               stock=method, ablation=ablation, **extra)
+                self.merge_row(
+                    name, nan, spec["model"], dict(spec["global"], **extra), stock=method, ablation=ablation, **extra
+                )
             except RuntimeError as err:
-                skipped.append(f"seed {self.seed} {name}: mergekit failed: "
-                               f"{str(err).strip().splitlines()[-1]}")
+                skipped.append(f"{self.label} {name}: mergekit failed: {str(err).strip().splitlines()[-1]}")
                 print("skip:", skipped[-1])
+
+    def premise(self) -> dict:
+        """Delta norms, data sizes and NAN's T=1 mean coefficients (first NAN T=1 row)."""
+        n = [self.meta["tasks"][t]["n_train"] for t in self.tasks]
+        norms = [self.meta["tasks"][t]["delta_norm"] for t in self.tasks]
+        out = {
+            "tasks": self.tasks,
+            "n_train": n,
+            "delta_norm": norms,
+            "lr": [self.meta["tasks"][t]["lr"] for t in self.tasks],
+            "steps": [self.meta["tasks"][t]["steps"] for t in self.tasks],
+            "spearman_norm_vs_n": spearman(norms, n),
+        }
+        for name, info in self.info.items():
+            if info.get("temperature") == 1.0 and "granularity" not in info and info.get("nan"):
+                coef = info["nan"]["mean_coefficient"]
+                out.update(
+                    coefficient_row=name,
+                    mean_coefficient=[coef[t] for t in self.tasks],
+                    spearman_coef_vs_n=spearman([coef[t] for t in self.tasks], n),
+                )
+                break
+        return out
 
 
 GRID_ROW = "task_arithmetic, λ from val grid"
+
+
+def _tag(name: str) -> str:
+    return "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "_" for c in name)
 
 
 def nan_name(method: str) -> str:
@@ -211,52 +336,99 @@ def nan_name(method: str) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", type=Path, default=finetune.DEFAULT_CACHE)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                    help="fine-tuning seeds (main rows on each, ablations on the first)")
-    ap.add_argument("--temperatures", type=float, nargs="*", default=[0.5, 2.0],
-                    help="ablation temperatures besides T=1")
+    ap.add_argument(
+        "--regimes",
+        nargs="+",
+        choices=finetune.REGIME_NAMES,
+        default=finetune.REGIME_NAMES,
+        help="fine-tuning regimes (finetune.py)",
+    )
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="fine-tuning seeds (main rows on each, ablations on the first)",
+    )
+    ap.add_argument(
+        "--temperatures",
+        type=float,
+        nargs="*",
+        default=[0.5, 2.0],
+        help="ablation temperatures besides T=1 (first seed of every regime)",
+    )
     ap.add_argument("--granularities", nargs="*", default=GRANULARITIES)
+    ap.add_argument(
+        "--granularity-regimes",
+        nargs="*",
+        default=["epochs"],
+        help="regimes whose first seed gets the granularity ablation",
+    )
+    ap.add_argument(
+        "--grid-regimes",
+        nargs="*",
+        default=None,
+        help="regimes that get the lambda-grid row (default: all; --smoke: the first)",
+    )
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
-    ap.add_argument("--test-per-task", type=int, default=1000,
-                    help="test examples per task (a random subset of the 2000 held out)")
+    ap.add_argument(
+        "--test-per-task", type=int, default=1000, help="test examples per task (a random subset of the 2000 held out)"
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--work", type=Path, default=HERE / "work")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--keep", action="store_true", help="keep merged models in work/")
-    ap.add_argument("--probe-row", action="store_true",
-                    help="also score the pretrained encoder with the linear-probe heads")
+    ap.add_argument("--fresh", action="store_true", help="recompute rows found in the row cache")
+    ap.add_argument(
+        "--probe-row", action="store_true", help="also score the pretrained encoder with the linear-probe heads"
+    )
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     sys.stdout.reconfigure(line_buffering=True)
     t_start = time.time()
-    if args.smoke:
-        args.out = args.out / "smoke"
+    if args.smoke:  # every regime, one seed, task arithmetic and NAN; grid and one
+        args.out = args.out / "smoke"  # granularity row on the first regime only
         args.seeds, args.methods, args.temperatures = args.seeds[:1], ["task_arithmetic"], []
         args.granularities = ["model"]
+        if args.grid_regimes is None:
+            args.grid_regimes = args.regimes[:1]
+    if args.grid_regimes is None:
+        args.grid_regimes = args.regimes
     grid = [0.2, 0.5] if args.smoke else GRID
 
-    shutil.rmtree(args.out / "configs", ignore_errors=True)  # only this run's configs remain
+    # only this run's configs remain (per regime, so a run of some regimes keeps the others')
+    for regime in args.regimes:
+        shutil.rmtree(args.out / "configs" / regime, ignore_errors=True)
+    for legacy in (args.out / "configs").glob("seed*"):  # layout before regimes existed
+        shutil.rmtree(legacy, ignore_errors=True)
     known = registered_methods()
-    runs, skipped, t_ft = [], [], 0.0
-    for i, seed in enumerate(args.seeds):
-        t0 = time.time()  # fine-tunes (a no-op when cached)
-        finetune.main(["--cache", str(args.cache), "--seed", str(seed),
-                       "--threads", str(args.threads)] + (["--smoke"] if args.smoke else []))
-        t_ft += time.time() - t0
-        run = SeedRun(args, seed)
-        run.reference_rows()
-        first = i == 0  # ablations on the first seed only
-        temps = [1.0] + [t for t in args.temperatures if first and t != 1.0]
-        for method in args.methods:
-            run.method_rows(method, known, temps, args.granularities if first else [], skipped)
-        run.grid_row(grid)
-        runs.append(run)
+    runs: dict[str, list[SeedRun]] = {}
+    skipped, t_ft = [], 0.0
+    for regime in args.regimes:
+        runs[regime] = []
+        for i, seed in enumerate(args.seeds):
+            t0 = time.time()  # fine-tunes (a no-op when cached)
+            finetune.main(
+                ["--cache", str(args.cache), "--regime", regime, "--seed", str(seed), "--threads", str(args.threads)]
+                + (["--smoke"] if args.smoke else [])
+            )
+            t_ft += time.time() - t0
+            run = SeedRun(args, regime, seed)
+            run.reference_rows()
+            first = i == 0  # ablations on the first seed only
+            temps = [1.0] + [t for t in args.temperatures if first and t != 1.0]
+            grans = args.granularities if first and regime in args.granularity_regimes else []
+            for method in args.methods:
+                run.method_rows(method, known, temps, grans, skipped)
+            if regime in args.grid_regimes:
+                run.grid_row(grid)
+            runs[regime].append(run)
 
     total = time.time() - t_start
     from report import write_report
-    write_report(runs, args, skipped, {"finetune_or_cache_seconds": round(t_ft, 1),
-                                       "total_seconds": round(total, 1)})
+
+    write_report(runs, args, skipped, {"finetune_or_cache_seconds": round(t_ft, 1), "total_seconds": round(total, 1)})
     print(f"done in {total:.0f}s (fine-tune/cache check {t_ft:.0f}s); wrote {args.out}")
 
 

@@ -10,8 +10,10 @@ Sources (nothing is downloaded at run time):
 Each task is split once, with a fixed seed, into disjoint test / val / train
 sets.  Training sets deliberately have very different sizes (5000 .. 150).
 """
+
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import dataclass, field
@@ -23,19 +25,50 @@ SPLIT_SEED = 1234
 
 # lexicographer file numbers -> names (WordNet lexnames(5WN))
 LEXNAMES = {
-    3: "Tops", 4: "act", 5: "animal", 6: "artifact", 7: "attribute", 8: "body",
-    9: "cognition", 10: "communication", 11: "event", 12: "feeling", 13: "food",
-    14: "group", 15: "location", 16: "motive", 17: "object", 18: "person",
-    19: "phenomenon", 20: "plant", 21: "possession", 22: "process", 23: "quantity",
-    24: "relation", 25: "shape", 26: "state", 27: "substance", 28: "time",
-    29: "body", 30: "change", 31: "cognition", 32: "communication", 33: "competition",
-    34: "consumption", 35: "contact", 36: "creation", 37: "emotion", 38: "motion",
-    39: "perception", 40: "possession", 41: "social", 42: "stative", 43: "weather",
+    3: "Tops",
+    4: "act",
+    5: "animal",
+    6: "artifact",
+    7: "attribute",
+    8: "body",
+    9: "cognition",
+    10: "communication",
+    11: "event",
+    12: "feeling",
+    13: "food",
+    14: "group",
+    15: "location",
+    16: "motive",
+    17: "object",
+    18: "person",
+    19: "phenomenon",
+    20: "plant",
+    21: "possession",
+    22: "process",
+    23: "quantity",
+    24: "relation",
+    25: "shape",
+    26: "state",
+    27: "substance",
+    28: "time",
+    29: "body",
+    30: "change",
+    31: "cognition",
+    32: "communication",
+    33: "competition",
+    34: "consumption",
+    35: "contact",
+    36: "creation",
+    37: "emotion",
+    38: "motion",
+    39: "perception",
+    40: "possession",
+    41: "social",
+    42: "stative",
+    43: "weather",
 }
-FORTUNE_TOPICS = ["computers", "politics", "science", "songs-poems", "work",
-                  "law", "food", "education"]
-LANGUAGES = ["english", "spanish", "italian", "portuguese", "dutch",
-             "indonesian", "turkish", "german"]
+FORTUNE_TOPICS = ["computers", "politics", "science", "songs-poems", "work", "law", "food", "education"]
+LANGUAGES = ["english", "spanish", "italian", "portuguese", "dutch", "indonesian", "turkish", "german"]
 
 # name -> (train size, val size, max test size)
 SIZES = {
@@ -143,8 +176,11 @@ TASK_NAMES = list(SIZES)
 
 
 # ---------------------------------------------------------------- splitting
+@functools.cache
 def load_task(name: str, scale: float = 1.0) -> Task:
-    """Deterministic test / val / train split; `scale` < 1 shrinks every split (smoke mode)."""
+    """Deterministic test / val / train split; `scale` < 1 shrinks every split (smoke mode).
+    Memoized (parsing the sources takes seconds and run.py asks for every task several
+    times); callers must not modify the returned Task."""
     rows = RAW[name]()
     # one example per distinct text (first label wins), then a seeded shuffle
     dedup = {}
@@ -162,16 +198,18 @@ def load_task(name: str, scale: float = 1.0) -> Task:
     if n_test < 0.5 * SIZES[name][2] * scale:
         raise RuntimeError(f"{name}: only {len(rows)} examples")
     test = rows[:n_test]
-    val = rows[n_test:n_test + n_val]
-    train = rows[n_test + n_val:n_test + n_val + n_train]
+    val = rows[n_test : n_test + n_val]
+    train = rows[n_test + n_val : n_test + n_val + n_train]
     return Task(name, labels, train, val, test)
 
 
 def load_tasks(names=None, scale: float = 1.0) -> dict[str, Task]:
-    return {n: load_task(n, scale) for n in (names or TASK_NAMES)}
+    return {n: load_task(n, float(scale)) for n in (names or TASK_NAMES)}
 
 
 if __name__ == "__main__":
     for task in load_tasks().values():
-        print(f"{task.name:9s} labels={task.num_labels:2d} train={len(task.train):5d} "
-              f"val={len(task.val):4d} test={len(task.test):5d}  e.g. {task.train[0]}")
+        print(
+            f"{task.name:9s} labels={task.num_labels:2d} train={len(task.train):5d} "
+            f"val={len(task.val):4d} test={len(task.test):5d}  e.g. {task.train[0]}"
+        )
