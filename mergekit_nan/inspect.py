@@ -114,13 +114,19 @@ def summary_text(document: Dict[str, Any]) -> str:
         return "\n".join(lines)
     short = short_names(models)
     width = max(5, *(len(n) for n in short.values()))
-    lines.append(f"{'model':<{width}} {'rel. norm':>9} {'mean coef':>9} {'min':>6} {'max':>6} {'mean norm':>10}  path")
+    lines.append(
+        f"{'model':<{width}} {'rel. norm':>9} {'mean coef':>9} {'min':>6} {'max':>6} {'x weight':>8} {'mean norm':>10}  path"
+    )
     for row in record.model_summary(document):
         lines.append(
             f"{short[row['model']]:<{width}} {row['relative_norm']:>9.2f} {row['mean_coefficient']:>9.3f}"
-            f" {row['min_coefficient']:>6.3f} {row['max_coefficient']:>6.3f} {row['mean_norm']:>10.4g}  {row['model']}"
+            f" {row['min_coefficient']:>6.3f} {row['max_coefficient']:>6.3f} {row['weight_factor']:>8.3f}"
+            f" {row['mean_norm']:>10.4g}  {row['model']}"
         )
-    lines.append("(rel. norm: the model's delta norm over the geometric mean of all models', median over tensors)")
+    lines.append(
+        "(rel. norm: the model's delta norm over the geometric mean of all models', median over tensors;"
+        " x weight: the factor NAN applies to its configured `weight`, mean over the tensors it changes)"
+    )
     table = rows(document)
     for row in table:
         row["kind"] = kind_of(row["name"])

@@ -14,6 +14,23 @@ from mergekit_nan.yaml_run import run_mergekit_yaml
 
 BIN = os.path.dirname(sys.executable)
 
+# The sweep of every task-vector method (test_merges, test_weighting):
+# method -> (shared parameters, per-model parameters)
+METHODS = {
+    "task_arithmetic": ({"temperature": 0.5, "lambda": 0.7}, {}),
+    "ties": ({}, {"density": 0.6}),
+    "dare_ties": ({"temperature": 2.0}, {"density": 0.7}),
+    "dare_linear": ({}, {"density": 0.7}),
+    "breadcrumbs": ({}, {"density": 0.8, "gamma": 0.05}),
+    "breadcrumbs_ties": ({}, {"density": 0.8, "gamma": 0.05}),
+    "della": ({}, {"density": 0.6, "epsilon": 0.1}),
+    "della_linear": ({"lambda": 1.3}, {"density": 0.6, "epsilon": 0.1}),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PRIORS = [1.0, 2.0, 0.5]
+SEED = 7
+TOLERANCE = {"float32": dict(rtol=1e-5, atol=1e-6), "bfloat16": dict(rtol=8e-3, atol=1e-3)}
+
 
 def mergekit_yaml(config: dict, out: str, *extra: str, command: str = "mergekit-yaml") -> subprocess.CompletedProcess:
     """The real command line, in a subprocess, as a user would run it (config written to <out>.yml)."""

@@ -15,6 +15,11 @@ import pytest
 import torch
 from checkpoints import load, make_family
 from merging import (
+    DTYPES,
+    METHODS,
+    PRIORS,
+    SEED,
+    TOLERANCE,
     mergekit_yaml,
     nan_config,
     per_tensor_weight_config,
@@ -22,22 +27,6 @@ from merging import (
     reference_weights,
     run_in_process,
 )
-
-METHODS = {
-    # method: (shared parameters, per-model parameters)
-    "task_arithmetic": ({"temperature": 0.5, "lambda": 0.7}, {}),
-    "ties": ({}, {"density": 0.6}),
-    "dare_ties": ({"temperature": 2.0}, {"density": 0.7}),
-    "dare_linear": ({}, {"density": 0.7}),
-    "breadcrumbs": ({}, {"density": 0.8, "gamma": 0.05}),
-    "breadcrumbs_ties": ({}, {"density": 0.8, "gamma": 0.05}),
-    "della": ({}, {"density": 0.6, "epsilon": 0.1}),
-    "della_linear": ({"lambda": 1.3}, {"density": 0.6, "epsilon": 0.1}),
-}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-PRIORS = [1.0, 2.0, 0.5]
-SEED = 7
-TOLERANCE = {"float32": dict(rtol=1e-5, atol=1e-6), "bfloat16": dict(rtol=8e-3, atol=1e-3)}
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +106,12 @@ def test_model_card_names_nan_and_the_paper(sweep):
         ratios = sorted(t["norms"][index] / math.prod(t["norms"]) ** (1 / len(t["norms"])) for t in record["tensors"])
         middle = len(ratios) // 2
         relative = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
-        row = f"| {model} | {relative:.2f} | {mean:.3f} | {min(coefficients):.3f} | {max(coefficients):.3f} |"
+        factors = [t["weights"][index] / t["priors"][index] for t in record["tensors"]]
+        factor = sum(factors) / len(factors)
+        row = (
+            f"| {model} | {relative:.2f} | {mean:.3f} | {min(coefficients):.3f} | {max(coefficients):.3f} "
+            f"| {factor:.3f} |"
+        )
         assert row in card
     # ft2's delta is 25x ft0's: its coefficient is under a quarter of an equal share everywhere
     assert f"{record['models'][2]} gets less than 25% of an equal share on {len(record['tensors'])} of the" in card

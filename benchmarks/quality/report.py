@@ -177,8 +177,8 @@ def regime_section(regime, runs, args) -> tuple[list[str], dict]:
         {
             k
             for r in ablation
-            for k in ("temperature", "granularity")
-            if r["info"][0].get("ablation") and k in r["info"][0] and (k == "granularity" or r["info"][0][k] != 1.0)
+            for k in ("temperature", "granularity", "weighting")
+            if r["info"][0].get("ablation") and k in r["info"][0] and (k != "temperature" or r["info"][0][k] != 1.0)
         }
     )
     lines += [

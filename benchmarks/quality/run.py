@@ -59,6 +59,8 @@ METHODS = {
 RANDOMIZED = {"dare_ties"}
 GRANULARITIES = ["layer", "model"]  # ablations beside the default "tensor"
 GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0]
+GRID_ROW = "task_arithmetic, λ from val grid"
+WEIGHTINGS = ["shrink_median", "shrink_geomean"]  # NAN's `weighting` candidates besides "paper"
 
 
 def registered_methods() -> set[str]:
@@ -228,43 +230,67 @@ class SeedRun:
 
         self.cached("individual", "individual", individual)
 
-    def grid_row(self, grid):
-        """Task arithmetic, one lambda for all tasks, chosen by mean val accuracy."""
+    def grid_row(self, grid, name=GRID_ROW, method="task_arithmetic", extra=None):
+        """Task arithmetic with one lambda for all tasks, chosen by mean val accuracy.
+
+        Stock: the direction is the sum of the deltas, merged at weight = lambda. A NAN
+        method (`extra`: its weighting/temperature): the direction is its merge at
+        weight 1 and lambda 1 (mergekit-yaml), merged at `lambda` = the pick. Either
+        way the grid is scored in-process as base + lambda * direction."""
+        nan = method != "task_arithmetic"
+        extra = dict(extra or {})
 
         def compute():
             t0 = time.time()
             base = load_file(str(self.base / "model.safetensors"))
-            delta_sum = {k: v.clone().zero_() for k, v in base.items() if k.startswith("bert.")}
-            for model in self.models:
-                tuned = load_file(str(model / "model.safetensors"))
-                for k in delta_sum:
-                    delta_sum[k] += tuned[k] - base[k]
+            keys = [k for k in base if k.startswith("bert.")]
+            if nan:
+                path, out_dir, options = self.merge(
+                    f"{name} (λ=1)", method, {"weight": 1.0}, dict(extra, **{"lambda": 1.0})
+                )
+                self.run_merge(path, out_dir, options)
+                merged = load_file(str(out_dir / "model.safetensors"))
+                direction = {k: merged[k] - base[k] for k in keys}
+                shutil.rmtree(out_dir, ignore_errors=True)
+            else:
+                direction = {k: base[k].clone().zero_() for k in keys}
+                for model in self.models:
+                    tuned = load_file(str(model / "model.safetensors"))
+                    for k in keys:
+                        direction[k] += tuned[k] - base[k]
             val_curve = {}
-            for lam in grid:  # same formula as mergekit task_arithmetic, normalize: false
-                state = {k: base[k] + lam * delta_sum[k] for k in delta_sum}
+            for lam in grid:  # the same formula as mergekit task_arithmetic, normalize: false
+                state = {k: base[k] + lam * direction[k] for k in keys}
                 val_curve[lam] = summarize(self.val.score(state))["avg"]["acc"]
             best = max(grid, key=lambda lam: val_curve[lam])
             search_s = time.time() - t0
             print(
-                f"[{self.label}] lambda grid (val avg): "
-                + ", ".join(f"{k}:{100 * v:.1f}" for k, v in val_curve.items()),
+                f"[{self.label}] {name} (val avg): " + ", ".join(f"{k}:{100 * v:.1f}" for k, v in val_curve.items()),
                 flush=True,
             )
-            path, out_dir, options = self.merge(GRID_ROW, "task_arithmetic", {"weight": best}, {})
+            if nan:
+                model_params, global_params = {"weight": 1.0}, dict(extra, **{"lambda": best})
+            else:
+                model_params, global_params = {"weight": best}, {}
+            path, out_dir, options = self.merge(name, method, model_params, global_params)
             merge_s = self.run_merge(path, out_dir, options)
             t1 = time.time()
             hits = self.test.score(out_dir)
             eval_s = time.time() - t1
-            # sanity: mergekit's output is the in-process base + lambda * sum(deltas)
+            # sanity: mergekit's output is the in-process base + lambda * direction
             merged = load_file(str(out_dir / "model.safetensors"))
-            diff = max((merged[k] - (base[k] + best * delta_sum[k])).abs().max().item() for k in delta_sum)
+            diff = max((merged[k] - (base[k] + best * direction[k])).abs().max().item() for k in keys)
+            more = {}
+            if nan:
+                more["nan"] = mean_coefficients(out_dir / "nan_coefficients.json", self.tasks)
+                more.update(stock=GRID_ROW, ablation=True, **extra)
             if not self.args.keep:
                 shutil.rmtree(out_dir, ignore_errors=True)
             print(f"[{self.label}] grid check: max |mergekit - in-process| = {diff:.2e}", flush=True)
             return hits, dict(
-                method="task_arithmetic",
-                model_params={"weight": best},
-                global_params={},
+                method=method,
+                model_params=model_params,
+                global_params=global_params,
                 options=options,
                 lambda_star=best,
                 search_seconds=round(search_s, 1),
@@ -273,11 +299,12 @@ class SeedRun:
                 eval_seconds=round(eval_s, 1),
                 seconds=search_s + merge_s + eval_s,
                 grid_max_abs_diff_vs_mergekit=diff,
+                **more,
             )
 
-        self.cached(GRID_ROW, ["grid", grid], compute)
+        self.cached(name, ["grid", grid, method, extra], compute)
 
-    def method_rows(self, method, known, temperatures, granularities, skipped):
+    def method_rows(self, method, known, temperatures, granularities, skipped, weightings=()):
         spec = METHODS[method]
         self.merge_row(method, method, spec["model"], spec["global"])
         nan = nan_name(method)
@@ -289,6 +316,7 @@ class SeedRun:
         variants += [
             (f"{nan} T=1 granularity={g}", {"temperature": 1.0, "granularity": g}, True) for g in granularities
         ]
+        variants += [(f"{nan} weighting={w}", {"weighting": w}, True) for w in weightings]
         for name, extra, ablation in variants:
             try:
                 self.merge_row(
@@ -322,7 +350,10 @@ class SeedRun:
         return out
 
 
-GRID_ROW = "task_arithmetic, λ from val grid"
+def tuned_candidates(args) -> list:
+    """(label, NAN parameters) of the nan_task_arithmetic rows with lambda from the val grid."""
+    out = [(f"T={t:g}", {"temperature": t}) for t in args.tuned_temperatures]
+    return out + [(f"weighting={w}", {"weighting": w}) for w in args.weightings]
 
 
 def _tag(name: str) -> str:
@@ -354,10 +385,23 @@ def main(argv=None):
         "--temperatures",
         type=float,
         nargs="*",
-        default=[0.5, 2.0],
+        default=[0.5, 2.0, 4.0],
         help="ablation temperatures besides T=1 (first seed of every regime)",
     )
     ap.add_argument("--granularities", nargs="*", default=GRANULARITIES)
+    ap.add_argument(
+        "--weightings",
+        nargs="*",
+        default=list(WEIGHTINGS),
+        help="NAN `weighting` candidates besides the paper's, T=1 (first seed of every regime)",
+    )
+    ap.add_argument(
+        "--tuned-temperatures",
+        type=float,
+        nargs="*",
+        default=[1.0, 2.0],
+        help="paper-weighting temperatures of the nan_task_arithmetic lambda-grid rows (first seed)",
+    )
     ap.add_argument(
         "--granularity-regimes",
         nargs="*",
@@ -390,7 +434,7 @@ def main(argv=None):
     if args.smoke:  # every regime, one seed, task arithmetic and NAN; grid and one
         args.out = args.out / "smoke"  # granularity row on the first regime only
         args.seeds, args.methods, args.temperatures = args.seeds[:1], ["task_arithmetic"], []
-        args.granularities = ["model"]
+        args.granularities, args.weightings, args.tuned_temperatures = ["model"], args.weightings[:1], []
         if args.grid_regimes is None:
             args.grid_regimes = args.regimes[:1]
     if args.grid_regimes is None:
@@ -419,10 +463,16 @@ def main(argv=None):
             first = i == 0  # ablations on the first seed only
             temps = [1.0] + [t for t in args.temperatures if first and t != 1.0]
             grans = args.granularities if first and regime in args.granularity_regimes else []
+            weightings = args.weightings if first else []
             for method in args.methods:
-                run.method_rows(method, known, temps, grans, skipped)
+                run.method_rows(method, known, temps, grans, skipped, weightings)
             if regime in args.grid_regimes:
                 run.grid_row(grid)
+                if first and "task_arithmetic" in args.methods and "nan_task_arithmetic" in known:
+                    for label, extra in tuned_candidates(args):
+                        run.grid_row(
+                            grid, f"nan_task_arithmetic {label}, λ from val grid", "nan_task_arithmetic", extra
+                        )
             runs[regime].append(run)
 
     total = time.time() - t_start

@@ -1,6 +1,6 @@
 """results.md, results.json and scores.pt from run.py's units.
 
-    python report.py [--smoke]     # same as: python run.py --report-only
+    python run.py --report-only    # (report.py is a module of run.py)
 
 Seeds are pooled the way benchmarks/quality does it: a row's per-example values
 (loss, exact match) are averaged over the fine-tuning seeds first, then NAN minus
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -32,16 +33,18 @@ def macro_val(row, order):
 
 
 def add_val_picks(unit):
-    """Virtual rows: task_arithmetic and its NAN version at the lambda with the lowest
-    macro-average validation loss, each picked on its own grid."""
+    """Virtual rows: task_arithmetic and each NAN version (candidate) at the lambda with the
+    lowest macro-average validation loss, each picked on its own grid."""
     rows, order = unit["rows"], unit["order"]
-    for method in ("task_arithmetic", "nan_task_arithmetic"):
-        grid = [(n, r) for n, r in rows.items() if r.get("method") == method and r.get("grid")]
-        if not grid:
-            continue
+    grids = {}
+    for n, r in list(rows.items()):
+        if r.get("method") in ("task_arithmetic", "nan_task_arithmetic") and r.get("grid"):
+            grids.setdefault(n.rsplit(" λ=", 1)[0], []).append((n, r))
+    for prefix, grid in grids.items():
         name, best = min(grid, key=lambda nr: (macro_val(nr[1], order), nr[1]["lambda"]))
-        rows[f"{method} {VAL_PICK}"] = dict(
-            best, picked_from=name, virtual=True, stock="task_arithmetic" if method.startswith("nan_") else None
+        nan = prefix.startswith("nan_")
+        rows[f"{prefix} {VAL_PICK}"] = dict(
+            best, picked_from=name, virtual=True, stock="task_arithmetic" if nan else None
         )
     fts = [r for n, r in rows.items() if n.startswith("fine-tune ")]
     if fts:
@@ -52,7 +55,8 @@ def add_val_picks(unit):
 
 
 def stock_of(name: str) -> str:
-    return name.removeprefix("nan_")
+    """The stock row a NAN row is compared with: `nan_ties [weighting=x]` -> `ties`."""
+    return re.sub(r" \[[^\]]*\]", "", name.removeprefix("nan_"))
 
 
 def seed_mean(units, name, domain, key):
@@ -195,7 +199,7 @@ def write_report(units, out: Path, timing: dict, recipe: dict, merge_settings: d
         for n in names:
             r0 = us[0]["rows"][n]
             if r0.get("method", "").startswith("nan_") or (r0.get("stock") and "nan_" in n):
-                stock = n.replace("nan_", "", 1)
+                stock = stock_of(n)
                 if stock in names:
                     rows[n]["nan_minus_stock"] = diff(us, n, stock, order)
             if r0.get("val") is not None and r0.get("grid"):
@@ -228,11 +232,14 @@ def write_report(units, out: Path, timing: dict, recipe: dict, merge_settings: d
         + " |",
         "|---|---|---|---|" + "---|---|" * len(em_dom),
     ]
-    summary_methods = (
-        ["nan_task_arithmetic " + VAL_PICK]
-        + [f"nan_task_arithmetic λ={lam:g}" for lam in merge_settings["grid"]]
-        + ["nan_ties", "nan_dare_ties"]
-    )
+    summary_methods = []
+    for label in merge_settings.get("candidates", [""]):
+        c = f" [{label}]" if label else ""
+        summary_methods += (
+            [f"nan_task_arithmetic{c} {VAL_PICK}"]
+            + [f"nan_task_arithmetic{c} λ={lam:g}" for lam in merge_settings["grid"]]
+            + [f"nan_ties{c}", f"nan_dare_ties{c}"]
+        )
     for regime in regimes:
         rows = results["regimes"][regime]["rows"]
         for n in summary_methods:
@@ -247,10 +254,7 @@ def write_report(units, out: Path, timing: dict, recipe: dict, merge_settings: d
                 ]
             label = n.replace("nan_", "", 1)
             if n.endswith(VAL_PICK):
-                lam = [
-                    (i.get("lambda"), j.get("lambda"))
-                    for i, j in zip(rows[n]["info"], rows[n.replace("nan_", "", 1)]["info"])
-                ]
+                lam = [(i.get("lambda"), j.get("lambda")) for i, j in zip(rows[n]["info"], rows[stock_of(n)]["info"])]
                 label += " (λ NAN/stock: " + ", ".join(f"{a:g}/{b:g}" for a, b in lam) + ")"
             L.append(f"| {regime} | {label} | " + " | ".join(cells) + " |")
 
@@ -377,9 +381,3 @@ def write_report(units, out: Path, timing: dict, recipe: dict, merge_settings: d
         },
         out / "scores.pt",
     )
-
-
-if __name__ == "__main__":
-    import run
-
-    run.main(["--report-only"] + sys.argv[1:])

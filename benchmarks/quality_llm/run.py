@@ -51,6 +51,15 @@ METHODS = {
 SMOKE_GRID = [1.0]  # smoke: 4 merges per regime (task_arithmetic and ties, each
 SMOKE_METHODS = ("task_arithmetic", "ties")  # with its NAN version)
 TEMPERATURE = 1.0
+# NAN settings beside the paper's T=1 (`--candidates`): label -> NAN parameters. Rows are
+# named `nan_<m> [label]`, compared with the stock `<m>` row at the same settings.
+CANDIDATES = {
+    "T=0.5": {"temperature": 0.5},
+    "T=2": {"temperature": 2.0},
+    "T=4": {"temperature": 4.0},
+    "weighting=shrink_median": {"weighting": "shrink_median"},
+    "weighting=shrink_geomean": {"weighting": "shrink_geomean"},
+}
 EXPECTATIONS = HERE / "results" / "expectations.md"
 
 
@@ -77,6 +86,7 @@ class Context:
         self.scores = self.root / "scores"  # per fine-tune / base, shared by units
         self.grid = SMOKE_GRID if args.smoke else GRID
         self.methods = {m: METHODS[m] for m in (SMOKE_METHODS if args.smoke else args.methods)}
+        self.candidates = args.candidates
 
     def cached_score(self, key: str, model_dir: Path, with_val: bool = False) -> dict:
         path = self.scores / f"{key}.pt"
@@ -135,9 +145,7 @@ def coefficient_summary(out_dir: Path, models: list[Path], order: list[str]) -> 
 def run_unit(ctx: Context, regime: str, seed: int) -> dict:
     args = ctx.args
     path = ctx.units / f"{regime}-seed{seed}.pt"
-    if path.exists() and not args.force:
-        print(f"unit {regime} seed {seed}: cached ({path})", flush=True)
-        return torch.load(path)
+    row_cache = ctx.root / "rows" / f"{regime}-seed{seed}"  # one file per merge row, so a unit can resume
     if not ctx.smoke:
         text = EXPECTATIONS.read_text() if EXPECTATIONS.exists() else ""
         if f"## {regime}" not in text:
@@ -184,24 +192,32 @@ def run_unit(ctx: Context, regime: str, seed: int) -> dict:
 
     configs = HERE / "results" / ("smoke" if ctx.smoke else "") / "configs" / regime / f"seed{seed}"
     work = args.work / ("smoke" if ctx.smoke else "")
+    variants = [("", {"temperature": TEMPERATURE})] + [(c, CANDIDATES[c]) for c in ctx.candidates]
     for stock, (model_params, params, grid, randomized) in ctx.methods.items():
         for lam in ctx.grid if grid else [None]:
-            for nan in (False, True):
+            for label, nan_params in [(None, {})] + variants:
+                nan = label is not None
                 method = f"nan_{stock}" if nan else stock
                 glob_params = dict(params)
                 if lam is not None:
                     glob_params["lambda"] = lam
-                if nan:
-                    glob_params["temperature"] = TEMPERATURE
-                name = method + (f" λ={lam:g}" if lam is not None else "")
+                glob_params.update(nan_params)
+                name = method + (f" [{label}]" if label else "") + (f" λ={lam:g}" if lam is not None else "")
                 config = merge_config(
                     method, models, ctx.base, model_parameters=model_params, parameters=glob_params, dtype="float32"
                 )
                 cfg_path = write_config(configs / f"{tag(name)}.yml", config)
-                out = work / f"{regime}-seed{seed}-{tag(name)}"
                 options = ["--no-cuda", "--quiet", "--num-threads", str(args.threads)]
                 if randomized:
                     options += ["--random-seed", str(seed)]
+                key = [cfg_path.read_text(), options, [metas[jobs[d]["key"]]["delta_norm"] for d in ctx.order]]
+                cached = row_cache / f"{tag(name)}.pt"
+                if cached.exists() and not args.force:
+                    row = torch.load(cached)
+                    if row["key"] == key:
+                        add(name, row["scores"], **row["info"])
+                        continue
+                out = work / f"{regime}-seed{seed}-{tag(name)}"
                 t0 = time.time()
                 run_mergekit_yaml(cfg_path, out, options, threads=args.threads, clear=True)
                 merge_s = time.time() - t0
@@ -215,6 +231,7 @@ def run_unit(ctx: Context, regime: str, seed: int) -> dict:
                     "kind": "merge",
                     "method": method,
                     "stock": stock if nan else None,
+                    "candidate": label,
                     "lambda": lam if lam is not None else params.get("lambda", 1.0),
                     "grid": lam is not None,
                     "model_parameters": model_params,
@@ -228,6 +245,7 @@ def run_unit(ctx: Context, regime: str, seed: int) -> dict:
                 del model
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
+                _save({"key": key, "scores": scores, "info": info}, cached)
                 add(name, scores, **info)
     unit["seconds"] = round(time.time() - t_unit, 1)
     unit["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -245,7 +263,14 @@ def main(argv=None):
     ap.add_argument("--work", type=Path, default=HERE / "work")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--keep", action="store_true", help="keep merged models in work/")
-    ap.add_argument("--force", action="store_true", help="rerun units already saved")
+    ap.add_argument("--force", action="store_true", help="rerun merge rows already saved")
+    ap.add_argument(
+        "--candidates",
+        nargs="*",
+        choices=list(CANDIDATES),
+        default=[],
+        help="NAN settings to run beside the paper's T=1 (--smoke: weighting=shrink_median)",
+    )
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
@@ -254,6 +279,7 @@ def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)
     if args.smoke:
         args.out, args.seeds = args.out / "smoke", args.seeds[:1]
+        args.candidates = ["weighting=shrink_median"]
     t0 = time.time()
     units = []
     if args.report_only:
@@ -280,6 +306,7 @@ def main(argv=None):
             "grid": SMOKE_GRID if args.smoke else GRID,
             "methods": {k: METHODS[k][:2] for k in (SMOKE_METHODS if args.smoke else args.methods)},
             "temperature": TEMPERATURE,
+            "candidates": [""] + args.candidates,
         },
     )
     print(f"done in {time.time() - t0:.0f}s; wrote {args.out}")

@@ -38,6 +38,9 @@ _TYPES = {
     "norm_of": Annotated[
         Literal[nan_parameters.NORM_SOURCES], BeforeValidator(lambda v: nan_parameters.check_shared("norm_of", v))
     ],
+    "weighting": Annotated[
+        Literal[nan_parameters.WEIGHTINGS], BeforeValidator(lambda v: nan_parameters.check_shared("weighting", v))
+    ],
 }
 
 

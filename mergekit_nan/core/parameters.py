@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, List, Mapping, Optional, Sequence
 
-from mergekit_nan.core.coefficients import check_temperature
+from mergekit_nan.core.coefficients import WEIGHTINGS, check_temperature
 
 GRANULARITIES = ("tensor", "layer", "model")
 NORM_SOURCES = ("delta", "weights")
@@ -23,8 +23,13 @@ SHARED = {
     "temperature": (1.0, "NAN softmax temperature: alpha_i ∝ norm_i^(-1/T)"),
     "granularity": ("tensor", "take each model's norm per tensor, per transformer block or over the model"),
     "norm_of": ("delta", "norm of the task delta (default) or of the fine-tuned weights themselves"),
+    "weighting": (
+        "paper",
+        "paper: the weight budget redistributed by inverse norm; shrink_median / shrink_geomean: only "
+        "deltas longer than the median (geometric mean) norm are weighed down, nothing is stretched",
+    ),
 }
-LINEAR_SHARED = ("temperature",)
+LINEAR_SHARED = ("temperature", "weighting")
 PRIOR = "weight"  # per model, optional, default 1.0: a prior share of the weight budget
 
 
@@ -49,6 +54,8 @@ def check_shared(name: str, value: Any) -> Any:
         return check_choice(name, value, GRANULARITIES)
     if name == "norm_of":
         return check_choice(name, value, NORM_SOURCES)
+    if name == "weighting":
+        return check_choice(name, value, WEIGHTINGS)
     raise KeyError(name)
 
 
@@ -76,6 +83,7 @@ class NanSettings:
     temperature: float = 1.0
     granularity: str = "tensor"
     norm_of: str = "delta"
+    weighting: str = "paper"
 
     @classmethod
     def pop_from(cls, parameters: dict) -> NanSettings:
@@ -139,6 +147,7 @@ def check_config(
             elif key not in known:
                 warnings.append(_unknown_key(method, key, site.label, known))
     models = [site.model for site in sites if site.model is not None]
+    _check_budget(method, models, priors)
     if (
         method == "nan_linear"
         and models
@@ -148,6 +157,27 @@ def check_config(
             "nan_linear: every model's `weight` is 0; a weighted average needs at least one weight > 0"
         )
     return warnings
+
+
+# mergekit multiplies each delta by its weight in the tensors' dtype (float32 or bfloat16
+# here, both with this range), so larger weights give Inf/NaN in the output.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_budget(method: str, models: Sequence[str], priors: Mapping[Optional[str], List[float]]) -> None:
+    """The largest possible sum of the models' `weight` values must fit in float32: NAN's
+    paper weighting hands it out as the budget, and mergekit multiplies deltas by it."""
+    largest = {m: max(priors.get(m, priors.get(None, [1.0])), default=1.0) for m in models}
+    if not largest:
+        return
+    scale = max(largest.values())
+    if scale > 0 and scale * math.fsum(v / scale for v in largest.values()) > FLOAT32_MAX:
+        top = max(largest, key=largest.get)
+        raise NanConfigError(
+            f"{method}: the models' `weight` values sum past {FLOAT32_MAX:.3g}, the float32 range in which "
+            f"mergekit weighs the deltas (largest: {largest[top]:g}, model {top}); "
+            "only their ratios matter to NAN's shares, so scale them down"
+        )
 
 
 def _unknown_key(method: str, key: str, where: str, known: Sequence[str]) -> str:

@@ -103,12 +103,16 @@ def _shares(tensor: Dict[str, Any]) -> List[Optional[float]]:
 
 def model_summary(document: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Per model: mean delta norm, its norm relative to the others (median over tensors
-    of norm / geometric mean of the tensor's norms) and mean/min/max coefficient."""
+    of norm / geometric mean of the tensor's norms), mean/min/max coefficient, and the
+    mean of weight / prior: the factor NAN applies to the weight the config gives it."""
     rows = []
     tensors = document["tensors"]
     for index, model in enumerate(document["models"]):
         norms = [t["norms"][index] for t in tensors if t["norms"][index] is not None]
         coefs = [t["coefficients"][index] for t in tensors if t["coefficients"][index] is not None]
+        factors = [
+            t["weights"][index] / t["priors"][index] for t in tensors if t["coefficients"][index] and t["priors"][index]
+        ]
         relative = []
         for t in tensors:
             own = t["norms"][index]
@@ -124,6 +128,7 @@ def model_summary(document: Dict[str, Any]) -> List[Dict[str, Any]]:
                 "mean_coefficient": sum(coefs) / len(coefs) if coefs else float("nan"),
                 "min_coefficient": min(coefs, default=float("nan")),
                 "max_coefficient": max(coefs, default=float("nan")),
+                "weight_factor": sum(factors) / len(factors) if factors else float("nan"),
             }
         )
     return rows
@@ -161,7 +166,7 @@ def card_section(document: Dict[str, Any]) -> str:
     settings = ", ".join(
         f"`{k}: {v}`"
         for k, v in document["parameters"].items()
-        if k in ("temperature", "granularity", "norm_of", "lambda")
+        if k in ("weighting", "temperature", "granularity", "norm_of", "lambda")
     )
     lines = [
         "",
@@ -169,16 +174,17 @@ def card_section(document: Dict[str, Any]) -> str:
         "",
         f"Per-tensor model weights were set by [NAN]({PAPER_URL}) ({settings}) on top of "
         f"`{document['wrapped_method']}`. Per model over {len(document['tensors'])} tensors: its delta norm "
-        "relative to the others' (median over tensors; 1 = the geometric mean) and its coefficient; "
+        "relative to the others' (median over tensors; 1 = the geometric mean), its coefficient, and the "
+        "factor applied to its configured `weight` (mean over the tensors it changes); "
         f"`{RECORD_FILENAME}` has every tensor's norms, coefficients and weights.",
         "",
-        "| model | relative delta norm | mean coefficient | min | max |",
-        "|---|---|---|---|---|",
+        "| model | relative delta norm | mean coefficient | min | max | weight factor |",
+        "|---|---|---|---|---|---|",
     ]
     for row in model_summary(document):
         lines.append(
             f"| {row['model']} | {row['relative_norm']:.2f} | {row['mean_coefficient']:.3f} "
-            f"| {row['min_coefficient']:.3f} | {row['max_coefficient']:.3f} |"
+            f"| {row['min_coefficient']:.3f} | {row['max_coefficient']:.3f} | {row['weight_factor']:.3f} |"
         )
     lines += [""] + [f"> {hint}" for hint in hints(document)]
     lines += ["", "`mergekit-nan inspect CONFIG --out DIR` draws a heatmap of them per layer and tensor type."]

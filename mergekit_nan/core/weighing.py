@@ -12,7 +12,7 @@ from typing import Callable, Dict, Hashable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_nan.core.coefficients import nan_weights, takes_part
+from mergekit_nan.core.coefficients import takes_part, weights_for
 from mergekit_nan.core.norms import delta_norms, weight_norms
 from mergekit_nan.core.parameters import NanConfigError, NanSettings, check_prior
 from mergekit_nan.core.record import TensorRecord
@@ -83,7 +83,7 @@ def weigh_task_vectors(
             norms = weight_norms([tensor for _, tensor in models], scratch=_scratch(session))
     else:
         norms = deltas
-    chosen = nan_weights([n if t else 0.0 for n, t in zip(norms, touched)], priors, settings.temperature)
+    chosen = _chosen(settings, [n if t else 0.0 for n, t in zip(norms, touched)], priors, name)
     record = TensorRecord(
         tensor=name,
         method=method,
@@ -121,7 +121,7 @@ def weigh_linear(
     with torch.no_grad():
         norms = weight_norms([tensor for _, tensor in models], scratch=_scratch(session))
     _refuse_non_finite(name, list(zip(ids, norms)))
-    chosen = nan_weights(norms, priors, settings.temperature)
+    chosen = _chosen(settings, norms, priors, name)
     record = TensorRecord(
         tensor=name,
         method=method,
@@ -136,6 +136,13 @@ def weigh_linear(
         parameters=shared_parameters,
     )
     return _decided(record, ids, chosen.participating, chosen.weights, session)
+
+
+def _chosen(settings: NanSettings, norms, priors, name: str):
+    try:
+        return weights_for(settings.weighting, norms, priors, settings.temperature)
+    except ValueError as error:  # a budget past the float range, found only per tensor
+        raise NanConfigError(f"tensor {name}: {error}") from None
 
 
 def _scratch(session):
