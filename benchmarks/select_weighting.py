@@ -1,0 +1,153 @@
+"""Apply the weighting-selection rule (benchmarks/quality/results/expectations.md, 2026-12-02) to the
+candidate results of both quality benchmarks, and write the table it decides from.
+
+    python select_weighting.py [--minilm quality/results/candidates/results.json]
+                               [--smollm2 quality_llm/results/candidates/results.json] [--out candidates.md]
+
+Per wrapped method and candidate, every case (regime x family; SmolLM2 gives two measures: macro held-out
+loss and arithmetic exact match) shows candidate - stock with its paired 95% CI, signed so that positive is
+better. A candidate is safe when no CI lies entirely below zero; among safe ones the pick has the most CIs
+entirely above zero, then the highest mean MiniLM difference, then the simplest setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MINILM_GRID_ROW = "task_arithmetic, λ from val grid"
+TUNED = "task_arithmetic, λ from val"
+ROW_NAME = re.compile(r"^nan_(\w+)(?: \[([^\]]+)\])?(?: (.*))?$")  # nan_<stock> [candidate] λ=...
+METHOD_ORDER = ["task_arithmetic", TUNED, "ties", "dare_ties"]
+# the rule's last tie-break: the paper's default, then the shrink weightings, then other temperatures
+SIMPLICITY = ["T=1", "weighting=shrink_median", "weighting=shrink_geomean", "T=2", "T=0.5", "T=4"]
+
+
+def minilm_cells(doc: dict) -> dict:
+    """{(method, candidate): {case: (mean, lo, hi) in accuracy points}} from MiniLM's results.json."""
+    cells: dict = {}
+    for regime, section in doc["regimes"].items():
+        for row in section["ablation"]:
+            stock, name = row.get("stock"), row["name"]
+            if not stock or "granularity=" in name:
+                continue
+            if stock == MINILM_GRID_ROW:
+                method, label = TUNED, name.removeprefix("nan_task_arithmetic ").removesuffix(", λ from val grid")
+            else:
+                method, label = stock, name.removeprefix(f"nan_{stock} ")
+            d = row["diff_vs_stock"]["avg"]
+            cells.setdefault((method, label), {})[f"MiniLM {regime}"] = tuple(100 * d[k] for k in ("mean", "lo", "hi"))
+    return cells
+
+
+def smollm2_cells(doc: dict) -> dict:
+    """The same from SmolLM2's results.json: loss (nats/token, sign flipped: positive = lower loss) and exact
+    match (points); task arithmetic at λ = 1 stands for its fixed setting."""
+    cells: dict = {}
+    for regime, section in doc["regimes"].items():
+        for name, row in section["rows"].items():
+            diff = row.get("nan_minus_stock")
+            if not diff or not name.startswith("nan_"):
+                continue
+            match = ROW_NAME.match(name)
+            stock, label, tail = match.group(1), match.group(2) or "T=1", match.group(3) or ""
+            if stock == "task_arithmetic":
+                if tail == "λ=1":
+                    method = "task_arithmetic"
+                elif tail == "λ from val":
+                    method = TUNED
+                else:
+                    continue
+            else:
+                method = stock
+            loss = diff["loss_macro"]
+            out = cells.setdefault((method, label), {})
+            out[f"SmolLM2 {regime} loss"] = tuple(-loss[k] for k in ("mean", "hi", "lo"))
+            for domain, em in diff["exact_match"].items():
+                out[f"SmolLM2 {regime} EM {domain}"] = tuple(100 * em[k] for k in ("mean", "lo", "hi"))
+    return cells
+
+
+def decide(cells: dict) -> dict:
+    """Per method: each candidate's verdict and the pick (None: no candidate is safe)."""
+    out = {}
+    for method in METHOD_ORDER:
+        candidates = {label: cases for (m, label), cases in cells.items() if m == method}
+        verdicts = {}
+        for label, cases in candidates.items():
+            worse = [c for c, (_, lo, hi) in cases.items() if hi < 0]
+            better = [c for c, (_, lo, hi) in cases.items() if lo > 0]
+            minilm = [v[0] for c, v in cases.items() if c.startswith("MiniLM")]
+            verdicts[label] = {
+                "safe": not worse,
+                "worse_in": worse,
+                "better_in": better,
+                "mean_minilm": sum(minilm) / len(minilm) if minilm else float("nan"),
+            }
+        safe = [label for label, v in verdicts.items() if v["safe"]]
+        rank = {label: SIMPLICITY.index(label) if label in SIMPLICITY else len(SIMPLICITY) for label in safe}
+        pick = max(
+            safe,
+            key=lambda label: (len(verdicts[label]["better_in"]), verdicts[label]["mean_minilm"], -rank[label]),
+            default=None,
+        )
+        out[method] = {"verdicts": verdicts, "pick": pick}
+    return out
+
+
+def table(cells: dict, decisions: dict) -> list[str]:
+    cases = sorted({c for v in cells.values() for c in v}, key=lambda c: (not c.startswith("MiniLM"), c))
+    lines = []
+    for method in METHOD_ORDER:
+        verdicts = decisions[method]["verdicts"]
+        if not verdicts:
+            continue
+        lines += [
+            f"### {method}: pick **{decisions[method]['pick'] or 'none (stock)'}**",
+            "",
+            "| candidate | " + " | ".join(cases) + " | safe | better in |",
+            "|---|" + "---|" * (len(cases) + 2),
+        ]
+        for label in sorted(verdicts, key=lambda x: SIMPLICITY.index(x) if x in SIMPLICITY else 99):
+            row = cells[(method, label)]
+            shown = [f"{row[c][0]:+.2f} [{row[c][1]:+.2f}, {row[c][2]:+.2f}]" if c in row else "" for c in cases]
+            v = verdicts[label]
+            lines.append(
+                f"| {label} | " + " | ".join(shown) + f" | {'yes' if v['safe'] else 'no'} | {len(v['better_in'])} |"
+            )
+        lines.append("")
+    return lines
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--minilm", type=Path, default=HERE / "quality" / "results" / "candidates" / "results.json")
+    ap.add_argument("--smollm2", type=Path, default=HERE / "quality_llm" / "results" / "candidates" / "results.json")
+    ap.add_argument("--out", type=Path, default=HERE / "candidates.md")
+    args = ap.parse_args(argv)
+    cells = {}
+    sources = []
+    for path, reader in ((args.minilm, minilm_cells), (args.smollm2, smollm2_cells)):
+        if path.exists():
+            for key, cases in reader(json.loads(path.read_text())).items():
+                cells.setdefault(key, {}).update(cases)
+            sources.append(str(path.relative_to(HERE)) if path.is_relative_to(HERE) else str(path))
+    decisions = decide(cells)
+    lines = [
+        "# Weighting candidates: candidate − stock, every case (positive = candidate better)",
+        "",
+        f"Written by `python benchmarks/select_weighting.py` from {', '.join(sources) or 'no results'}. "
+        "MiniLM: average accuracy, points; SmolLM2: macro held-out loss (nats/token, sign flipped) and arithmetic "
+        "exact match (points). Paired 95% CIs. Rule: benchmarks/quality/results/expectations.md (2026-12-02).",
+        "",
+    ] + table(cells, decisions)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return decisions
+
+
+if __name__ == "__main__":
+    main()
