@@ -53,6 +53,7 @@ METHODS: dict[str, dict] = {
     # The layer/model pre-pass (one extra read of the inputs) against per-tensor NAN:
     "nan_task_arithmetic_model": {"merge_method": "nan_task_arithmetic", "shared": {"granularity": "model"}},
     "nan_task_arithmetic_layer": {"merge_method": "nan_task_arithmetic", "shared": {"granularity": "layer"}},
+    "nan_ties_layer": {"merge_method": "nan_ties", "model": {"density": 0.5}, "shared": {"granularity": "layer"}},
 }
 DEFAULT_PAIRS = "nan_ties:ties,nan_task_arithmetic:task_arithmetic"
 RESULTS = HERE / "results_merge_cost"
@@ -207,7 +208,10 @@ def machine_info() -> dict:
             return None
 
     def git(*a):
-        r = subprocess.run(["git", "-C", str(HERE), *a], capture_output=True, text=True)
+        try:
+            r = subprocess.run(["git", "-C", str(HERE), *a], capture_output=True, text=True)
+        except OSError:  # no git: a copied tree on a lent machine, say
+            return None
         return r.stdout.strip() if r.returncode == 0 else None
 
     dirty = git("status", "--porcelain", "--", str(HERE.parents[1] / "mergekit_nan"))
