@@ -81,8 +81,10 @@ def run_mergekit_yaml(
     a console-script name or a full command line standing for it. `threads` caps
     torch's threads in the child; `env` replaces the environment (offline flags are
     added). `clear` removes `out` first. With `log`, the child's output goes to that
-    file and the result carries `wall` (seconds) and `rusage` (the child's own, from
-    os.wait4: CPU time, peak RSS). With `check`, a failed run raises RuntimeError
+    file and the result carries `wall` (seconds), `rusage` (the child's own, from
+    os.wait4: CPU time, peak RSS, block reads) and `io` (the child's /proc/<pid>/io
+    counters, read_bytes among them, taken once it has exited; None where there is no
+    /proc). With `check`, a failed run raises RuntimeError
     carrying the end of its output.
     """
     out = Path(out)
@@ -102,12 +104,23 @@ def run_mergekit_yaml(
         with open(log, "w", encoding="utf-8") as handle:
             started = time.perf_counter()
             child = subprocess.Popen(argv, env=child_env, stdout=handle, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(child.pid, 0)
+            os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped yet
             wall = time.perf_counter() - started
+            io = _io_counters(child.pid)
+            _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait again
         run = subprocess.CompletedProcess(argv, child.returncode)
-        run.wall, run.rusage = wall, usage
+        run.wall, run.rusage, run.io = wall, usage, io
         tail = Path(log).read_text(encoding="utf-8", errors="replace")[-3000:]
     if check and run.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed with exit code {run.returncode}\n{tail}")
     return run
+
+
+def _io_counters(pid: int) -> Optional[dict]:
+    """/proc/<pid>/io of an exited, not yet reaped child (Linux), as {name: int}."""
+    try:
+        with open(f"/proc/{pid}/io", encoding="ascii") as handle:
+            return {key: int(value) for key, value in (line.split(":") for line in handle if ":" in line)}
+    except OSError:
+        return None

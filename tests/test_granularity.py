@@ -58,33 +58,49 @@ def test_matches_reference_through_mergekit_yaml(family, merges, case):
         assert len({tuple(t["coefficients"]) for t in record.values() if "q_proj" not in t["name"]}) == 1
 
 
-def test_prepass_reads_each_input_once(family, tmp_path, monkeypatch):
+@pytest.mark.parametrize("granularity", ["model", "layer"])
+def test_prepass_reads_each_input_once(family, tmp_path, monkeypatch, granularity):
     from mergekit.io.lazy_tensor_loader import LazyTensorLoader
 
     from mergekit_nan.adapters import mergekit_io
 
-    reads, passes, inside = [], [], [False]
-    original_get, original_compute = LazyTensorLoader.get_tensor, mergekit_io._compute
+    reads, passes, measured, inside = [], [], [], [False]
+    original_get = LazyTensorLoader.get_tensor
+    original_init, original_measure = mergekit_io.NormPass.__init__, mergekit_io.NormPass._measure
 
     def counting_get(self, key, *args, **kwargs):
         if inside[0]:
             reads.append((id(self), key))
         return original_get(self, key, *args, **kwargs)
 
-    def counting_compute(*args, **kwargs):
+    def counting_init(self, *args, **kwargs):
         passes.append(args)
+        original_init(self, *args, **kwargs)
+
+    def counting_measure(self, group, *args):
+        measured.append(group)
         inside[0] = True
         try:
-            return original_compute(*args, **kwargs)
+            return original_measure(self, group, *args)
         finally:
             inside[0] = False
 
     monkeypatch.setattr(LazyTensorLoader, "get_tensor", counting_get)
-    monkeypatch.setattr(mergekit_io, "_compute", counting_compute)
-    run_in_process(nan_config("nan_ties", family, PRIORS, "float32", {"granularity": "model"}), str(tmp_path / "out"))
-    tensors = len(load(family[0]))
+    monkeypatch.setattr(mergekit_io.NormPass, "__init__", counting_init)
+    monkeypatch.setattr(mergekit_io.NormPass, "_measure", counting_measure)
+    config = nan_config("nan_ties", family, PRIORS, "float32", {"granularity": granularity})
+    run_in_process(config, str(tmp_path / "out"))
+    tensors = load(family[0])
     assert len(passes) == 1  # once per merge, however many tensor tasks ask
-    assert len(reads) == len(set(reads)) == 4 * tensors  # base + 3 models, each tensor once
+    groups = (
+        {"model"}
+        if granularity == "model"
+        else {f"layer {i}" for i in range(2)} | {n for n in tensors if not LLAMA_LAYER.match(n)}
+    )
+    assert sorted(measured) == sorted(groups)  # each group once
+    # base + 3 models, each tensor once, except the one whose merge asks for its group's
+    # norm: mergekit has loaded that one already
+    assert len(reads) == len(set(reads)) == 4 * (len(tensors) - len(groups))
 
 
 def test_layer_groups_follow_mergekit_architecture_info_on_gpt2(tmp_path):
@@ -113,12 +129,12 @@ def test_layer_groups_follow_mergekit_architecture_info_on_gpt2(tmp_path):
     groups = tensor_groups(ModelReference.parse(paths[0]), "layer")
     block = re.compile(r"^(?:transformer\.)?h\.(\d+)\.")
     names = set(load(paths[0]))
-    covered = {n for n in groups} | {a for _, aliases in groups.values() for a in aliases}
+    covered = {n for n in groups} | {a for planned in groups.values() for a in planned.aliases}
     assert names <= covered
-    for name, (label, _) in groups.items():
+    for name, planned in groups.items():
         match = block.match(name)
-        assert label == (f"layer {match.group(1)}" if match else name), name
-    assert len({label for label, _ in groups.values() if label.startswith("layer")}) == 3
+        assert planned.group == (f"layer {match.group(1)}" if match else name), name
+    assert len({p.group for p in groups.values() if p.group.startswith("layer")}) == 3
 
     out = str(tmp_path / "merged")
     run_in_process(nan_config("nan_task_arithmetic", paths, [1.0, 1.0], "float32", {"granularity": "layer"}), out)

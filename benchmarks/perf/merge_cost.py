@@ -13,6 +13,7 @@ edits to the plugin during a run do not leak into it.
   python benchmarks/perf/merge_cost.py --smoke         # tiny random LLaMA, 1 rep
   python benchmarks/perf/merge_cost.py --methods ties:ties --reps 5
   python benchmarks/perf/merge_cost.py --model 1b --reps 2   # 1.03B, TinyLlama shapes
+  python benchmarks/perf/merge_cost.py --model 3b --cold --reps 1   # 3.21B x 4 > RAM, cold cache (root)
 
 Methods are names from METHODS below; add an entry there to time a variant
 (e.g. a ``granularity: model`` pre-pass) and pass it as ``--methods new:old``.
@@ -53,6 +54,7 @@ METHODS: dict[str, dict] = {
     # The layer/model pre-pass (one extra read of the inputs) against per-tensor NAN:
     "nan_task_arithmetic_model": {"merge_method": "nan_task_arithmetic", "shared": {"granularity": "model"}},
     "nan_task_arithmetic_layer": {"merge_method": "nan_task_arithmetic", "shared": {"granularity": "layer"}},
+    "nan_ties_model": {"merge_method": "nan_ties", "model": {"density": 0.5}, "shared": {"granularity": "model"}},
     "nan_ties_layer": {"merge_method": "nan_ties", "model": {"density": 0.5}, "shared": {"granularity": "layer"}},
 }
 DEFAULT_PAIRS = "nan_ties:ties,nan_task_arithmetic:task_arithmetic"
@@ -74,8 +76,10 @@ def merge_yaml(method: str, base: Path, finetunes: list[Path]) -> dict:
 
 def run_merge(
     config: Path, out: Path, log: Path, extra: list[str], env: dict, launcher: list[str] | None = None
-) -> tuple[float, float, int]:
-    """Run mergekit-yaml once; return (wall s, CPU s = user+sys, peak RSS MiB).
+) -> dict:
+    """Run mergekit-yaml once; return wall s, CPU s (user+sys), peak RSS MiB and the
+    bytes the child read from storage (/proc/<pid>/io read_bytes, and rusage's block
+    reads, ru_inblock x 512; page-cache hits are in neither).
 
     `launcher` replaces the mergekit-yaml executable (merge_breakdown.py runs its
     entry point under timers); the config, output and options follow it.
@@ -84,7 +88,15 @@ def run_merge(
         config, out, ["--quiet", *extra], command=launcher or "mergekit-yaml", env=env, clear=True, log=log
     )
     usage = run.rusage
-    return run.wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss // 1024
+    return {
+        "wall_s": run.wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "user_s": usage.ru_utime,
+        "sys_s": usage.ru_stime,
+        "rss_mib": usage.ru_maxrss // 1024,
+        "read_bytes": (run.io or {}).get("read_bytes"),
+        "inblock_bytes": usage.ru_inblock * 512,
+    }
 
 
 def check_output(out: Path, base: Path) -> None:
@@ -96,8 +108,10 @@ def check_output(out: Path, base: Path) -> None:
         with safe_open(f, "pt") as st:
             for k in st.keys():
                 names[k] = bool(st.get_tensor(k).float().isfinite().all())
-    with safe_open(base / "model.safetensors", "pt") as st:
-        expected = set(st.keys())
+    expected = set()
+    for f in sorted(base.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            expected |= set(st.keys())
     assert set(names) == expected, f"{out}: tensors differ from base"
     assert all(names.values()), f"{out}: non-finite values"
     cfg = json.loads((out / "config.json").read_text())
@@ -140,19 +154,27 @@ ONE_B = dict(
 )
 
 
+def llama_shapes(shapes_config: dict) -> tuple:
+    """(a bf16 LlamaConfig, {stored tensor: shape}) for a tied LLaMA of these shapes."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shapes_config)
+    config.architectures = ["LlamaForCausalLM"]
+    config.torch_dtype = torch.bfloat16
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items() if k != "lm_head.weight"}
+    return config, shapes
+
+
 def build_1b(root: Path) -> tuple[Path, list[Path]]:
     """A random bf16 LLaMA of TinyLlama's shapes (tied, N(0, 0.02) weights, unit norms) + 3 perturbations."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     base = root / "base"
     if not (base / make_smollm2.STAMP).exists():
-        config = LlamaConfig(**ONE_B)
-        config.architectures = ["LlamaForCausalLM"]
-        config.torch_dtype = torch.bfloat16
-        with torch.device("meta"):
-            shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items() if k != "lm_head.weight"}
+        config, shapes = llama_shapes(ONE_B)
         generator = torch.Generator().manual_seed(0)
         state = {
             name: (
@@ -165,6 +187,95 @@ def build_1b(root: Path) -> tuple[Path, list[Path]]:
         config.save_pretrained(base)
         (base / make_smollm2.STAMP).write_text("1b\n")
     return base, make_smollm2.build_finetunes(base, root)
+
+
+# Llama-3.2-3B's shapes (tied): 3.21B parameters, 6.4 GB in bf16; base + 3 fine-tunes
+# are 25.7 GB, more than this machine's 24 GiB of memory.
+THREE_B = dict(
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=28,
+    num_attention_heads=24,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+)
+SHARD_BYTES = 2 << 30
+NOISE_BLOCK = 1 << 24  # elements of N(0, 1) per fine-tune, reused along every tensor
+
+
+def build_sharded(root: Path, shapes_config: dict, tag: str) -> tuple[Path, list[Path]]:
+    """A random bf16 LLaMA family written shard by shard (HF sharded layout, <= 2 GiB a
+    shard), one tensor in memory at a time: base N(0, 0.02) matrices (each tensor from
+    its own seed) and unit norm weights; fine-tune k is base + sigma_k * rms * noise per
+    tensor (make_smollm2.SIGMAS), read from the base's shard. The noise is a 16M-element
+    N(0, 1) block per fine-tune, read along each tensor from a per-tensor offset: drawing
+    fresh normals for 3.2B elements per model takes ~25 min on 2 busy cores, and a
+    cost benchmark needs deltas of different sizes, not independent ones."""
+    import zlib
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config, shapes = llama_shapes(shapes_config)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = 2 * shape.numel()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    def base_tensor(name: str) -> torch.Tensor:
+        if name.endswith("norm.weight"):
+            return torch.ones(shapes[name], dtype=torch.bfloat16)
+        generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        return (0.02 * torch.randn(shapes[name], generator=generator)).to(torch.bfloat16)
+
+    def perturbed(base: torch.Tensor, name: str, sigma: float, noise: torch.Tensor) -> torch.Tensor:
+        value = base.float().reshape(-1)
+        scale = sigma * value.pow(2).mean().sqrt().item()
+        offset = zlib.crc32(name.encode()) % NOISE_BLOCK
+        for start in range(0, value.numel(), NOISE_BLOCK):
+            part = value[start : start + NOISE_BLOCK]
+            part.add_(noise[offset : offset + part.numel()], alpha=scale)
+        return value.to(torch.bfloat16).reshape(base.shape)
+
+    def write(path: Path, stamp: str, make) -> None:
+        if (path / make_smollm2.STAMP).exists() and (path / make_smollm2.STAMP).read_text() == stamp:
+            return
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        for file, names in zip(files, shards):
+            save_file({n: make(file, n) for n in names}, str(path / file), metadata={"format": "pt"})
+            print(f"{path}: {file} written", flush=True)
+        weight_map = {n: file for file, names in zip(files, shards) for n in names}
+        total = sum(2 * shapes[n].numel() for n in weight_map)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
+        config.save_pretrained(path)
+        (path / make_smollm2.STAMP).write_text(stamp)
+
+    base = root / "base"
+    write(base, f"{tag} base\n", lambda file, name: base_tensor(name))
+    finetunes = []
+    for k, sigma in enumerate(make_smollm2.SIGMAS):
+        path = root / f"ft{k + 1}"
+        noise = torch.randn(2 * NOISE_BLOCK, generator=torch.Generator().manual_seed(1000 + k))
+
+        def make(file: str, name: str, sigma=sigma, noise=noise) -> torch.Tensor:
+            with safe_open(str(base / file), "pt") as stored:
+                return perturbed(stored.get_tensor(name), name, sigma, noise)
+
+        write(path, f"{tag} sigma={sigma} seed={1000 + k} block={NOISE_BLOCK}\n", make)
+        finetunes.append(path)
+    return base, finetunes
 
 
 def snapshot_plugin(dest: Path) -> tuple[dict, str | None]:
@@ -189,9 +300,17 @@ def snapshot_plugin(dest: Path) -> tuple[dict, str | None]:
 
 def warm_page_cache(paths: list[Path]) -> None:
     for p in paths:
-        with open(p / "model.safetensors", "rb") as fh:
-            while fh.read(1 << 24):
-                pass
+        for f in sorted(p.glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+
+
+def drop_page_cache() -> None:
+    """Write back and drop the page cache (root only), so that the next run reads from disk."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as handle:
+        handle.write("3\n")
 
 
 def machine_info() -> dict:
@@ -238,6 +357,7 @@ def _stats(rs: list[dict]) -> dict:
         "cpu_s_min": min(cpus),
         "cpu_s_max": max(cpus),
         "rss_mib_median": statistics.median(r["rss_mib"] for r in rs),
+        "read_gb_median": statistics.median((r.get("read_bytes") or 0) / 1e9 for r in rs),
         "n": len(rs),
     }
 
@@ -264,6 +384,7 @@ def summarize(runs: list[dict]) -> dict:
                 "rss_ratio": sa["rss_mib_median"] / sb["rss_mib_median"],
                 "rss_ratio_min": min(rss),
                 "rss_ratio_max": max(rss),
+                "read_ratio": sa["read_gb_median"] / sb["read_gb_median"] if sb["read_gb_median"] else None,
             }
         )
     return {"per_method": per_method, "ratios": ratios}
@@ -280,34 +401,37 @@ def write_report(path: Path, info: dict, summary: dict) -> None:
         f"- versions: git {info['git']}; python {info['python']}, " + ", ".join(f"{k} {v[k]}" for k in v),
         f"- setup: base + {info['n_finetunes']} fine-tunes, weight 1.0 each, dtype "
         f"bfloat16, ties density 0.5; `mergekit-yaml {' '.join(info['mergekit_args'])}`; "
-        f"{info['reps']} repetition(s) per method, interleaved A B A B; page cache warmed",
+        f"{info['reps']} repetition(s) per method, interleaved A B A B; page cache "
+        f"{info.get('page_cache', 'warmed')}; inputs {info.get('input_bytes', 0) / 1e9:.1f} GB",
         f"- total benchmark time: {info['total_s']:.0f} s; 1-min load average before "
         f"each run {info['load1_min_max'][0]:.1f}-{info['load1_min_max'][1]:.1f}; "
         f"mergekit_nan sources snapshotted at start, sha256 "
         f"{info['mergekit_nan_snapshot_sha256_12']}",
         "",
         "| method (in pair) | runs | wall median (s) | wall min-max (s) | CPU median (s) "
-        "| CPU min-max (s) | peak RSS median (MiB) |",
-        "|---|---|---|---|---|---|---|",
+        "| CPU min-max (s) | peak RSS median (MiB) | read from disk median (GB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m, s in summary["per_method"].items():
         lines.append(
             f"| {m} | {s['n']} | {s['wall_s_median']:.2f} | "
             f"{s['wall_s_min']:.2f}-{s['wall_s_max']:.2f} | {s['cpu_s_median']:.2f} | "
-            f"{s['cpu_s_min']:.2f}-{s['cpu_s_max']:.2f} | {s['rss_mib_median']:.0f} |"
+            f"{s['cpu_s_min']:.2f}-{s['cpu_s_max']:.2f} | {s['rss_mib_median']:.0f} | {s['read_gb_median']:.2f} |"
         )
     lines += [
         "",
         "| ratio A/B | wall (median/median) | wall per-rep min-max | CPU "
-        "(median/median) | CPU per-rep min-max | peak RSS | RSS per-rep min-max |",
-        "|---|---|---|---|---|---|---|",
+        "(median/median) | CPU per-rep min-max | peak RSS | RSS per-rep min-max | disk reads |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    cold = info.get("page_cache") == "dropped before each run"  # warm runs read little: no ratio
     for r in summary["ratios"]:
         lines.append(
             f"| {r['pair']} | {r['wall_ratio']:.3f} | {r['wall_ratio_min']:.3f}-"
             f"{r['wall_ratio_max']:.3f} | {r['cpu_ratio']:.3f} | {r['cpu_ratio_min']:.3f}-"
             f"{r['cpu_ratio_max']:.3f} | {r['rss_ratio']:.3f} | "
-            f"{r['rss_ratio_min']:.3f}-{r['rss_ratio_max']:.3f} |"
+            f"{r['rss_ratio_min']:.3f}-{r['rss_ratio_max']:.3f} | "
+            f"{format(r['read_ratio'], '.3f') if cold and r.get('read_ratio') else '-'} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
@@ -330,9 +454,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="results path prefix (.md/.json)")
     ap.add_argument(
         "--model",
-        choices=["smollm2", "1b"],
+        choices=["smollm2", "1b", "3b"],
         default="smollm2",
-        help="SmolLM2-135M (default) or a random 1.03B TinyLlama-shaped family",
+        help="SmolLM2-135M (default), a random 1.03B TinyLlama-shaped family, or a random 3.21B "
+        "Llama-3.2-3B-shaped one (25.7 GB of inputs, built shard by shard in cache/llama3b)",
+    )
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the page cache before every run (root), instead of warming it once: every run reads from disk",
     )
     ap.add_argument("--smoke", action="store_true", help="tiny random LLaMA, 1 rep")
     ap.add_argument("--mergekit-args", default="", help="extra mergekit-yaml options, e.g. '-j 2'")
@@ -351,6 +481,11 @@ def main() -> None:
         base, fts = build_tiny(tmp / "models")
         model_name = "tiny random LLaMA (smoke)"
         out_prefix = args.out or work / "results_merge_cost_smoke"
+    elif args.model == "3b":
+        tmp = work
+        base, fts = build_sharded(HERE / "cache" / "llama3b", THREE_B, "3b")
+        model_name = "random 3.21B LLaMA (Llama-3.2-3B shapes, tied, bf16, 2 GiB shards) + 3 synthetic fine-tunes"
+        out_prefix = args.out or HERE / "results_merge_cost_3b"
     elif args.model == "1b":
         tmp = work
         base, fts = build_1b(HERE / "cache" / "llama1b")
@@ -364,7 +499,8 @@ def main() -> None:
     extra = args.mergekit_args.split()
 
     env, plugin = snapshot_plugin(tmp / "plugin-snapshot")
-    warm_page_cache([base, *fts])
+    if not args.cold:
+        warm_page_cache([base, *fts])
     runs: list[dict] = []
     for a, b in pairs:
         rec = {"a": a, "b": b, "runs_a": [], "runs_b": []}
@@ -377,14 +513,17 @@ def main() -> None:
                 stem = tmp / f"{slot}-{m}"
                 out, load1 = tmp / "out", os.getloadavg()[0]
                 log = stem.with_suffix(".log")
-                wall, cpu, rss = run_merge(stem.with_suffix(".yaml"), out, log, extra, env)
+                if args.cold:
+                    drop_page_cache()
+                measured = run_merge(stem.with_suffix(".yaml"), out, log, extra, env)
                 if rep == 0:
                     check_output(out, base)
                 shutil.rmtree(out)
-                rec[f"runs_{slot}"].append({"wall_s": wall, "cpu_s": cpu, "rss_mib": rss, "load1": load1})
+                rec[f"runs_{slot}"].append({**measured, "load1": load1})
                 print(
-                    f"{a}:{b} rep {rep + 1}/{reps} {slot.upper()} {m:>20}: "
-                    f"{wall:7.2f} s wall, {cpu:7.2f} s CPU, {rss:6d} MiB",
+                    f"{a}:{b} rep {rep + 1}/{reps} {slot.upper()} {m:>20}: {measured['wall_s']:7.2f} s wall, "
+                    f"{measured['cpu_s']:7.2f} s CPU, {measured['rss_mib']:6d} MiB, "
+                    f"{(measured['read_bytes'] or 0) / 1e9:6.2f} GB read",
                     flush=True,
                 )
 
@@ -395,6 +534,8 @@ def main() -> None:
         "n_finetunes": len(fts),
         "reps": reps,
         "mergekit_args": ["--quiet", *extra],
+        "page_cache": "dropped before each run" if args.cold else "warmed",
+        "input_bytes": sum(f.stat().st_size for d in (base, *fts) for f in d.glob("*.safetensors")),
         "pairs": [f"{a}:{b}" for a, b in pairs],
         "total_s": time.perf_counter() - t_start,
         "mergekit_nan_snapshot_sha256_12": plugin,

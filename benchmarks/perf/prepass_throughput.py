@@ -3,7 +3,7 @@
 The pre-pass (mergekit_nan.adapters.mergekit_io) streams every tensor of the base and the
 fine-tunes through mergekit's loaders and norms the deltas. Timed here, in one
 process, interleaved, best of `--rounds`:
-  prepass   mergekit_nan.adapters.mergekit_io._compute, as a merge runs it (model granularity)
+  prepass   mergekit_nan.adapters.mergekit_io.NormPass, every group, as a merge runs it
   read      the same loads through mergekit's loaders, no norms (the reading alone)
   norms     delta_norms over the same tensors already in memory (the kernel alone)
 GB/s are bytes of input tensors (base + fine-tunes) per second. The pre-pass also
@@ -57,42 +57,43 @@ def main() -> None:
     base = ModelReference.parse(str(base_dir))
     models = [ModelReference.parse(str(d)) for d in finetune_dirs]
     dtype, device = torch.bfloat16, torch.device("cpu")
-    groups = prepass.tensor_groups(base, args.granularity)
-
-    loads = collections.Counter()
-    real_load = prepass._load
-
     settings = NanSettings(granularity=args.granularity)
+    plan = prepass.NormPass(base, tuple(models), settings, dtype, device).plan
     # every stored tensor once (a tied head is the embedding, stored once)
     stored = {}
-    for name, (_, aliases) in groups.items():
-        keys = tuple(prepass._stored_key(m, (name, *aliases)) for m in (base, *models))
-        if keys[0] is not None:
-            stored.setdefault(keys, name)
+    for name, planned in plan.items():
+        keys = tuple(prepass._stored_key(m, name, planned) for m in (base, *models))
+        stored.setdefault(keys, name)
 
-    def counting_load(model, key, dtype, device):
-        tensor = real_load(model, key, dtype, device)
+    loads = collections.Counter()
+    real_load = prepass.NormPass._load
+
+    def counting_load(self, model, name):
+        tensor = real_load(self, model, name)
         if tensor is not None:
-            loads[(str(model), key)] += 1
+            loads[(str(model), prepass._stored_key(model, name, self.plan[name]))] += 1
         return tensor
 
     def run_prepass():
         loads.clear()
-        prepass._load = counting_load
+        prepass.NormPass._load = counting_load
         try:
-            return prepass._compute(base, tuple(models), settings, dtype, device)
+            norm_pass = prepass.NormPass(base, tuple(models), settings, dtype, device)
+            return [norm_pass.norms_of(name) for name in norm_pass.plan]
         finally:
-            prepass._load = real_load
+            prepass.NormPass._load = real_load
+
+    reader = prepass.NormPass(base, tuple(models), settings, dtype, device)
 
     def run_read():
         count = 0
-        for keys in stored:
-            for model, key in zip((base, *models), keys):
-                tensor = real_load(model, key, dtype, device)
+        for name in stored.values():
+            for model in (base, *models):
+                tensor = real_load(reader, model, name)
                 count += 0 if tensor is None else tensor.numel() * tensor.element_size()
         return count
 
-    in_memory = [[real_load(m, k, dtype, device) for m, k in zip((base, *models), keys)] for keys in stored]
+    in_memory = [[real_load(reader, m, name) for m in (base, *models)] for name in stored.values()]
 
     def run_norms():
         for tensors in in_memory:

@@ -100,7 +100,13 @@ class NanTask(Task[torch.Tensor]):
                 settings=settings,
                 shared_parameters=self.shared,
                 group_norms=lambda: group_norms(
-                    self.base_model, [m for m, _ in tuned], settings, base.dtype, base.device
+                    name,
+                    self.base_model,
+                    [m for m, _ in tuned],
+                    settings,
+                    base.dtype,
+                    base.device,
+                    in_hand=(base, [t for _, t in tuned]),
                 ),
             )
             if weighing.skip_merge:

@@ -103,7 +103,15 @@ class NanTaskVectorMethod(GroupMergeMethod):
             priors=[parameters["weight"][i] for i in ids],
             settings=settings,
             shared_parameters=shared,
-            group_norms=lambda: group_norms(base.id, ids, settings, base.tensor.dtype, base.tensor.device),
+            group_norms=lambda: group_norms(
+                name,
+                base.id,
+                ids,
+                settings,
+                base.tensor.dtype,
+                base.tensor.device,
+                in_hand=(base.tensor, [entry.tensor for entry in tuned]),
+            ),
         )
         if weighing.skip_merge:
             return base.tensor

@@ -1,40 +1,71 @@
-"""Reading through mergekit, the same in both API generations: the layer/model pre-pass,
+"""Reading through mergekit, the same in both API generations: the layer/model norms,
 the architecture's tensor groups, and `inspect`'s planning.
 
-The pre-pass runs the first time a tensor task asks for layer or model norms: one
-streaming pass over the inputs through mergekit's own loaders (lazy loading, LoRA merge
-cache, a few tensors in memory at a time), cached in the merge's session for the rest of
-the merge; other executor threads wait for it.
+The layer/model norms are taken through mergekit's own loading (`LoadTensor`: lazy
+loading, aliases, tied names, the LoRA merge cache, and in mergekit 0.1.5 the
+conversion of a checkpoint's per-expert tensors into the fused ones it plans), a few
+tensors in memory at a time, a group at a time, the first time a tensor task asks for a
+norm of that group; the results are kept in the merge's session, and other executor
+threads wait for a group being measured.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+import threading
+from dataclasses import dataclass
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 import tqdm
 
-from mergekit_nan.core.groups import GroupNorms, GroupNormSums
+from mergekit_nan.core.groups import GroupNorms, GroupNormSum
 from mergekit_nan.core.norms import delta_norms, weight_norms
 from mergekit_nan.core.parameters import NanConfigError, NanSettings
 from mergekit_nan.core.session import current
 
 
-def group_norms(base, models: Sequence, settings: NanSettings, dtype: torch.dtype, device: torch.device) -> GroupNorms:
-    """Per tensor name, each model's norm over the tensor's group (once per merge)."""
+def group_norms(
+    name: str,
+    base,
+    models: Sequence,
+    settings: NanSettings,
+    dtype: torch.dtype,
+    device: torch.device,
+    in_hand: Optional[InHand] = None,
+) -> GroupNorms:
+    """{`name`: each model's norm over the group of tensor `name`}, or {} where mergekit's
+    architecture info has no entry for `name`. `in_hand`: tensor `name` of the base and
+    of each model as mergekit loaded it for this merge, used instead of a second copy."""
     key = (base, tuple(models), settings.granularity, settings.norm_of, dtype, str(device))
     session = current()
 
-    def compute() -> GroupNorms:
-        return _compute(base, tuple(models), settings, dtype, device)
+    def start() -> NormPass:
+        return NormPass(base, tuple(models), settings, dtype, device)
 
-    return compute() if session is None else session.group_norms(key, compute)
+    norms = (start() if session is None else session.group_norms(key, start)).norms_of(name, in_hand)
+    return {} if norms is None else {name: norms}
 
 
-def tensor_groups(base, granularity: str) -> Dict[str, Tuple[str, Tuple[str, ...]]]:
-    """{tensor name: (group label, other names it may be stored under)} for the base's
-    architecture: a block's weights share `layer N`; weights outside blocks (embeddings,
-    final norm, head) are groups of their own; with `model`, one group."""
+InHand = Tuple[torch.Tensor, Sequence[torch.Tensor]]  # one tensor of the base and of each model
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A weight of mergekit's architecture info: its group, and what mergekit's loader
+    needs to find it in a checkpoint."""
+
+    group: str
+    aliases: Tuple[str, ...] = ()
+    tied_names: Tuple[str, ...] = ()
+    optional: bool = False  # mergekit merges the others without it where a model lacks it
+
+
+def tensor_groups(base, granularity: str) -> Dict[str, PlannedTensor]:
+    """{tensor name: PlannedTensor} for the base's architecture: a block's weights share
+    `layer N`; weights outside blocks (embeddings, final norm, head) are groups of their
+    own; with `model`, one group. The names are the ones mergekit plans and merges (in
+    mergekit 0.1.5 the fused expert tensors of transformers 5, whatever the checkpoint
+    stores)."""
     from mergekit.architecture import arch_info_for_config
     from mergekit.io.tasks import LoaderCache
 
@@ -50,71 +81,135 @@ def tensor_groups(base, granularity: str) -> Dict[str, Tuple[str, Tuple[str, ...
         prefix = module.weight_prefix or ""
         architecture = module.architecture
 
-        def other_names(weight):
-            return tuple(weight.aliases or ()) + tuple(getattr(weight, "tied_names", None) or ())
+        def planned(weight, group: str) -> PlannedTensor:
+            return PlannedTensor(
+                group="model" if granularity == "model" else group,
+                aliases=tuple(weight.aliases or ()),
+                tied_names=tuple(getattr(weight, "tied_names", None) or ()),
+                optional=bool(weight.optional),
+            )
 
         for weight in architecture.pre_weights(config) + architecture.post_weights(config):
-            groups[prefix + weight.name] = (prefix + weight.name, other_names(weight))
+            groups[prefix + weight.name] = planned(weight, prefix + weight.name)
         for index in range(architecture.num_layers(config)):
             label = f"{module_name} layer {index}" if len(arch.modules) > 1 else f"layer {index}"
             for weight in architecture.layer_weights(index, config):
-                groups[prefix + weight.name] = (label, other_names(weight))
-    if granularity == "model":
-        groups = {name: ("model", aliases) for name, (_, aliases) in groups.items()}
+                groups[prefix + weight.name] = planned(weight, label)
     return groups
 
 
-def _stored_key(model, names: Sequence[str]) -> Optional[str]:
-    """The checkpoint key `model` stores the first of `names` under, or None."""
+class NormPass:
+    """The layer or model norms of one merge's inputs (`base`, `models`), a group at a time.
+
+    With `layer`, a block is measured when the first of its tensors merges: mergekit
+    sorts its schedule by stored tensor name, so a dense block's tensors merge together,
+    the block's tensors read here are still in the page cache when mergekit loads them,
+    and inputs larger than memory are not read from disk twice. `model` has one group, which needs every tensor before the first
+    one merges. The tensor whose merge asks is in memory already and is not loaded
+    again; the others are loaded two at a time (the base and one model), so that the
+    pass adds at most two tensors to what the merge holds.
+    """
+
+    def __init__(self, base, models: Tuple, settings: NanSettings, dtype: torch.dtype, device: torch.device):
+        self.base, self.models, self.settings = base, models, settings
+        self.dtype, self.device = dtype, device
+        self.plan = tensor_groups(base, settings.granularity)
+        self.members: Dict[str, List[str]] = {}
+        for name, planned in self.plan.items():
+            self.members.setdefault(planned.group, []).append(name)
+        # stored keys (base, *models) -> per-model norms: a tied tensor is read once,
+        # whichever groups it belongs to
+        self._measured: Dict[Tuple[Hashable, ...], list] = {}
+        self._groups: Dict[str, Tuple[float, ...]] = {}
+        self._lock = threading.Lock()
+
+    def norms_of(self, name: str, in_hand: Optional[InHand] = None) -> Optional[Tuple[float, ...]]:
+        """Each model's norm over the group of `name` (None: not in the architecture)."""
+        planned = self.plan.get(name)
+        if planned is None:
+            return None
+        with self._lock:
+            if planned.group not in self._groups:
+                self._groups[planned.group] = self._measure(planned.group, {name: in_hand} if in_hand else {})
+            return self._groups[planned.group]
+
+    def _measure(self, group: str, in_hand: Dict[str, InHand]) -> Tuple[float, ...]:
+        members = self.members[group]
+        keys = {
+            name: tuple(_stored_key(model, name, self.plan[name]) for model in (self.base, *self.models))
+            for name in members
+        }
+        # Read in the reverse of mergekit's schedule (tensors sorted by stored name), so
+        # that what the merge loads first was read last and is the likeliest to be still
+        # in the page cache when the inputs are larger than memory.
+        reading = sorted(members, key=lambda name: str(keys[name][0]), reverse=True)
+        for name in tqdm.tqdm(reading, desc=f"NAN norms, {group}", leave=False, disable=len(members) < 100):
+            if keys[name] not in self._measured:
+                self._measured[keys[name]] = self._norms(name, in_hand.get(name))
+        total = GroupNormSum(len(self.models))
+        for name in members:  # summed in the architecture's order, whatever the reading order
+            total.add(keys[name][1:], self._measured[keys[name]])
+        return total.norms()
+
+    def _norms(self, name: str, in_hand: Optional[InHand]) -> list:
+        """Each model's norm of tensor `name` as mergekit loads it (None where a model
+        lacks an optional tensor, or its tensor is misshapen or not floating point)."""
+        base_tensor = in_hand[0] if in_hand else self._load(self.base, name)
+        if base_tensor is None or not base_tensor.is_floating_point():
+            return [None] * len(self.models)
+        session = current()
+        scratch = session and session.scratch
+        per_model = []
+        for index, model in enumerate(self.models):
+            tensor = in_hand[1][index] if in_hand else self._load(model, name)
+            if tensor is None or tensor.shape != base_tensor.shape or not tensor.is_floating_point():
+                per_model.append(None)
+                continue
+            with torch.no_grad():
+                if self.settings.norm_of == "weights":
+                    (norm,) = weight_norms([tensor], scratch=scratch)
+                else:
+                    (norm,) = delta_norms(base_tensor, [tensor], scratch=scratch).delta_norms
+                    if session is not None and session.adapter_norms:
+                        (norm,) = session.substitute_adapter_norms([model], name, (norm,))
+            per_model.append(norm)
+            del tensor  # the next model's tensor replaces it
+        return per_model
+
+    def _load(self, model, name: str) -> Optional[torch.Tensor]:
+        """Tensor `name` of `model` as mergekit's merge loads it, in the pass's dtype; None
+        for an optional tensor the model lacks or a tensor that is not floating point."""
+        from mergekit.io.tasks import LoadTensor
+
+        planned = self.plan[name]
+        tensor = LoadTensor(
+            model=model,
+            tensor=name,
+            device=str(self.device),
+            optional=True,
+            aliases=planned.aliases or None,
+            tied_names=planned.tied_names or None,
+        ).execute()
+        if tensor is None:
+            if planned.optional:
+                return None
+            also = ", ".join((*planned.aliases, *planned.tied_names))
+            raise NanConfigError(
+                f"granularity: {self.settings.granularity}: model {model} has no tensor {name}"
+                f"{f' (nor {also})' if also else ''}, which mergekit's architecture info plans for it"
+            )
+        return tensor.to(self.dtype) if tensor.is_floating_point() else None
+
+
+def _stored_key(model, name: str, planned: PlannedTensor) -> Hashable:
+    """What `model` stores tensor `name` under, as mergekit's loader resolves it: the
+    first of the name, its aliases and its tied names in the checkpoint; otherwise `name`
+    itself (a tensor mergekit 0.1.5 converts from other stored ones, such as fused
+    experts, or one the model lacks)."""
     from mergekit.io.tasks import LoaderCache
 
     index = LoaderCache().get(model).index.tensor_paths
-    return next((name for name in names if name in index), None)
-
-
-def _load(model, key: Optional[str], dtype, device) -> Optional[torch.Tensor]:
-    """The stored tensor `key` of `model` in `dtype`, or None (missing, or not floating point)."""
-    from mergekit.io.tasks import LoaderCache
-
-    if key is None:
-        return None
-    tensor = LoaderCache().get(model).get_tensor(key, device=str(device))
-    return tensor.to(dtype) if tensor.is_floating_point() else None
-
-
-def _compute(base, models, settings: NanSettings, dtype, device) -> GroupNorms:
-    session = current()
-    sums = GroupNormSums(len(models))
-    measured: Dict[tuple, list] = {}  # stored keys (base, *models) -> per-model norms
-    groups = tensor_groups(base, settings.granularity)
-    for name, (label, aliases) in tqdm.tqdm(groups.items(), desc=f"NAN norms per {settings.granularity}", leave=False):
-        names = (name, *aliases)
-        keys = (_stored_key(base, names), *(_stored_key(model, names) for model in models))
-        if keys not in measured:  # a tied weight is stored once and read once
-            measured[keys] = _norms(base, models, keys, name, settings, dtype, device, session)
-        sums.add(label, name, keys[1:], measured[keys])
-    return sums.table()
-
-
-def _norms(base, models, keys, name, settings, dtype, device, session) -> list:
-    """Each model's norm of the stored tensors `keys` (None where absent or misshapen)."""
-    per_model = [None] * len(models)
-    base_tensor = _load(base, keys[0], dtype, device)
-    if base_tensor is None:
-        return per_model
-    loaded = [_load(model, key, dtype, device) for model, key in zip(models, keys[1:])]
-    present = [i for i, t in enumerate(loaded) if t is not None and t.shape == base_tensor.shape]
-    tensors = [loaded[i] for i in present]
-    with torch.no_grad():
-        if settings.norm_of == "weights":
-            norms = weight_norms(tensors, scratch=session and session.scratch)
-        else:
-            norms = delta_norms(base_tensor, tensors, scratch=session and session.scratch).delta_norms
-            if session is not None and session.adapter_norms:
-                norms = session.substitute_adapter_norms([models[i] for i in present], name, norms)
-    for index, norm in zip(present, norms):
-        per_model[index] = norm
-    return per_model
+    return next((key for key in (name, *planned.aliases, *planned.tied_names) if key in index), name)
 
 
 def adapters_on_base(merge_config) -> Dict[Any, Dict[str, float]]:
