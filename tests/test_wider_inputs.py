@@ -97,3 +97,43 @@ def test_a_slices_config_weighs_the_layers_it_takes(tmp_path):
         base = states[0][source].double()
         expected = base + sum(w * (s[source].double() - base) for w, s in zip(weights[source], states[1:]))
         torch.testing.assert_close(merged[name].double(), expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def save_tokenizer(path, size):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", pad_token="t0").save_pretrained(path)
+
+
+def test_a_vocab_mismatch_with_tokenizer_source_base(tmp_path):
+    """Fine-tunes with 4 added tokens, merged onto the base vocabulary: every model's
+    embedding and head enter the merge as their first 96 rows."""
+    from checkpoints import base_state, save_llama
+
+    base = base_state()
+    paths = [save_llama(str(tmp_path / "base"), base, torch.float32)]
+    save_tokenizer(paths[0], 96)
+    for index, scale in enumerate([0.002, 0.01, 0.05]):
+        grown = base_state(vocab_size=100)
+        state = perturbed({k: v for k, v in base.items()}, scale, seed=100 + index)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            grown[name][:96] = state[name]
+            state[name] = grown[name]
+        path = save_llama(str(tmp_path / f"ft{index}"), state, torch.float32, vocab_size=100)
+        save_tokenizer(path, 100)
+        paths.append(path)
+    config = nan_config("nan_ties", paths, [1.0, 2.0, 0.5], "float32", None, {"density": 0.6})
+    config["tokenizer_source"] = "base"
+    run = mergekit_yaml(config, str(tmp_path / "nan"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    states = [load(p) for p in paths]
+    aligned = [{k: (v[:96] if v.shape[0] == 100 else v) for k, v in s.items()} for s in states]
+    weights = reference_weights(aligned[0], aligned[1:], [1.0, 2.0, 0.5], 1.0)
+    run_in_process(per_tensor_weight_config(config, weights, "ties"), str(tmp_path / "stock"))
+    mine, stock = load(str(tmp_path / "nan")), load(str(tmp_path / "stock"))
+    assert mine["model.embed_tokens.weight"].shape[0] == 96
+    for name in stock:
+        torch.testing.assert_close(mine[name], stock[name], rtol=1e-5, atol=1e-6, msg=name)
