@@ -1,4 +1,5 @@
-"""Inputs beyond the tiny LLaMA family: Phi3, 20 models, a `slices:` config.
+"""Inputs beyond the tiny LLaMA family: Phi3, 20 models, a `slices:` config, a vocabulary
+mismatch merged with `tokenizer_source: base`.
 
 (GPT-NeoX is not here: mergekit 0.1.5's architecture file asks for `attention.bias`, a
 buffer transformers 5 no longer stores, so stock merges of such checkpoints fail too.)
