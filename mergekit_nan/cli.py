@@ -32,20 +32,57 @@ def demo(out, seeds):
     run_demo(out, tuple(int(s) for s in seeds.split(",")))
 
 
+def one_line(error: BaseException, config_file: str) -> str:
+    """A config error as one line: what is wrong and where, without a traceback."""
+    import pydantic
+
+    if isinstance(error, pydantic.ValidationError):
+        problems = "; ".join(
+            f"{'.'.join(map(str, problem['loc'])) or 'config'}: {problem['msg']}" for problem in error.errors()
+        )
+        text = f"{config_file} is not a valid mergekit config: {problems}"
+    elif isinstance(error, yaml.YAMLError):
+        text = f"{config_file} is not valid YAML: {error}"
+    else:
+        text = str(error)
+    return " ".join(text.split())
+
+
+def config_errors() -> tuple:
+    """What a bad config raises (a NAN check, mergekit's validation, YAML, a model that
+    cannot be found: OSError), or a bad input tensor: shown as one line, not a traceback."""
+    import pydantic
+
+    from mergekit_nan.core.parameters import NanConfigError
+    from mergekit_nan.core.weighing import NonFiniteInput
+
+    return (NanConfigError, NonFiniteInput, pydantic.ValidationError, yaml.YAMLError, OSError)
+
+
 @main.command()
 @click.argument("config_file")
 @click.option("--out", default=None, help="write coefficients.json/.csv (and a heatmap) into this folder")
+@click.option("--verbose", is_flag=True, help="on a config error, show the full traceback")
 @add_merge_options
-def inspect(merge_options: MergeOptions, config_file: str, out):
+def inspect(merge_options: MergeOptions, config_file: str, out, verbose: bool):
     """Show the norms and coefficients a merge of CONFIG_FILE would use, without merging."""
     from mergekit.config import MergeConfiguration
 
     from mergekit_nan.inspect import inspect_config, summary_text, write_outputs
 
     merge_options.apply_global_options()
-    with open(config_file, encoding="utf-8") as handle:
-        merge_config = MergeConfiguration.model_validate(yaml.safe_load(handle))
-    document = inspect_config(merge_config, merge_options)
+    try:
+        try:
+            with open(config_file, encoding="utf-8") as handle:
+                raw = yaml.safe_load(handle)
+        except OSError as error:
+            raise click.ClickException(f"cannot read {config_file}: {error.strerror or error}") from error
+        merge_config = MergeConfiguration.model_validate(raw)
+        document = inspect_config(merge_config, merge_options)
+    except config_errors() as error:
+        if verbose:
+            raise
+        raise click.ClickException(f"{one_line(error, config_file)} (--verbose shows the traceback)") from error
     click.echo(summary_text(document))
     if out:
         for path in write_outputs(document, out):

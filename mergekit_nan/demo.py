@@ -6,8 +6,9 @@ tasks, fine-tunes one copy per task on training sets of very different sizes (th
 number of steps each, so the small set is seen many times), merges the fine-tunes with
 `nan_ties` and with stock `ties` through the real `mergekit-yaml`, and prints NAN's
 coefficients and each task's accuracy. All of it for three seeds, since single numbers
-from models this small move with the seed (and, in the last digits of training, with
-the CPU): the table gives the mean and the spread. One torch thread, so the result does
+from models this small move with the seed and with the CPU (training them is chaotic: a
+last-bit difference between float kernels moves accuracies by several points, in
+float64 too): the table gives the mean and the spread. One torch thread, so the result does
 not depend on the core count. No download; about two minutes on a CPU.
 """
 
@@ -192,7 +193,16 @@ def run_demo(out: str, seeds=(0, 1, 2)) -> dict:
     print("  " + f"{'mean':10}" + "".join(f"{_mean_sd(means[n]):>16}" for n in names))
     gain = [a - b for a, b in zip(means["nan_ties"], means["ties"])]
     print(f"\nnan_ties minus ties on the mean, per seed: {' / '.join(f'{g:+.3f}' for g in gain)}")
+    # Training models this small from scratch is chaotic: a last-bit difference in a float
+    # kernel (another CPU) moves every number below by several points, in float64 too.
+    least = [min(runs[s]["coefficients"].items(), key=lambda item: item[1]["mean_coefficient"])[0] for s in seeds]
+    largest = [max(runs[s]["coefficients"].items(), key=lambda item: item[1]["mean_norm"])[0] for s in seeds]
+    print(f"largest mean |delta|, per seed: {' / '.join(largest)}; smallest mean coefficient: {' / '.join(least)}")
+    print(
+        "(on another CPU these numbers can differ by several points: tiny models trained from scratch amplify"
+        " last-bit differences between float kernels)"
+    )
     print(f"\nDone in {time.time() - started:.0f} s. Models (with a tokenizer), configs and nan_coefficients.json are")
     print(f"in {out}/seed*/. Merge them yourself with the plain command, e.g.")
-    print(f"  mergekit-yaml {out}/seed{seeds[0]}/merged-nan_ties.yml my-merge")
+    print(f"  mergekit-yaml {out}/seed{seeds[0]}/merged-nan_ties.yml {out}/my-merge")
     return {"runs": runs, "means": means}

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 from mergekit_nan.adapters.lifecycle import check_merge_config, config_model_order, nan_method
 from mergekit_nan.adapters.mergekit_io import adapters_on_base, run_tensor_tasks
 from mergekit_nan.core import record
+from mergekit_nan.core.parameters import NanConfigError
 from mergekit_nan.core.session import MergeSession, opened
 
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -30,7 +31,7 @@ def inspect_config(merge_config, options) -> Dict[str, Any]:
     per-tensor NAN code (only the wrapped arithmetic is skipped).
     """
     if nan_method(merge_config) is None:
-        raise ValueError(f"inspect needs a nan_* merge method, not {merge_config.merge_method!r}")
+        raise NanConfigError(f"inspect needs a nan_* merge method, not {merge_config.merge_method!r}")
     check_merge_config(merge_config)
     from mergekit.io.tasks import LoaderCache
 
@@ -180,7 +181,11 @@ def write_heatmap(document: Dict[str, Any], path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
         from matplotlib.colors import TwoSlopeNorm
     except ImportError:
-        print("hint: pip install 'mergekit-nan[plot]' for a heatmap of the coefficients")
+        # mergekit-nan is not on the package index, so `pip install mergekit-nan[plot]` would fail
+        print(
+            "hint: for a heatmap of the coefficients, pip install matplotlib"
+            ' (or pip install ".[plot]" from a checkout of mergekit-nan)'
+        )
         return None
     models = document["models"]
     table = rows(document)

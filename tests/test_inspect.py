@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 
+import pytest
+import yaml
 from checkpoints import make_family
 from merging import BIN, mergekit_yaml, nan_config, read_record
 
@@ -46,6 +48,59 @@ def test_inspect_equals_the_merge_record(tmp_path):
     try:
         import matplotlib  # noqa: F401  (the `plot` extra)
     except ImportError:
-        assert "pip install 'mergekit-nan[plot]'" in run.stdout
+        assert "pip install matplotlib" in run.stdout
     else:
         assert (out / "coefficients.png").stat().st_size > 1000
+
+
+def run_inspect(*args, env=None):
+    return subprocess.run(
+        [os.path.join(BIN, "mergekit-nan"), "inspect", *map(str, args)], capture_output=True, text=True, env=env
+    )
+
+
+def test_without_matplotlib_the_hint_is_an_install_that_works(tmp_path):
+    paths = make_family(str(tmp_path / "family"), [0.01, 0.02])
+    config = write_config(tmp_path / "c.yml", nan_config("nan_ties", paths, [1, 1], "float32"))
+    hidden = tmp_path / "no-matplotlib" / "matplotlib"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    env = dict(os.environ, PYTHONPATH=str(hidden.parent))
+    run = run_inspect(config, "--out", tmp_path / "inspect", env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "mergekit-nan[plot]" not in run.stdout  # not on the package index: that install fails
+    assert "pip install matplotlib" in run.stdout and 'pip install ".[plot]"' in run.stdout
+    assert not (tmp_path / "inspect" / "coefficients.png").exists()
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (  # NAN's own check
+            {
+                "merge_method": "nan_ties",
+                "base_model": "BASE",
+                "models": [{"model": "FT"}],
+                "parameters": {"granularity": "bogus"},
+            },
+            "NAN parameter `granularity` must be one of tensor, layer, model; got 'bogus'",
+        ),
+        (  # mergekit's validation (pydantic)
+            {"merge_method": "nan_ties", "base_model": "BASE", "models": [{"modle": "FT"}]},
+            "is not a valid mergekit config: models.0.model: Field required",
+        ),
+        ({"merge_method": "ties", "base_model": "BASE", "models": [{"model": "FT"}]}, "needs a nan_* merge method"),
+    ],
+    ids=["nan-check", "validation", "stock-method"],
+)
+def test_a_config_error_is_one_line_and_exit_status_1(tmp_path, config, message):
+    paths = make_family(str(tmp_path / "family"), [0.01])
+    text = yaml.safe_dump(config).replace("BASE", paths[0]).replace("FT", paths[1])
+    (tmp_path / "c.yml").write_text(text)
+    run = run_inspect(tmp_path / "c.yml")
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], run.stderr[-3000:]
+    assert "Traceback" not in run.stderr + run.stdout
+    verbose = run_inspect(tmp_path / "c.yml", "--verbose")
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr

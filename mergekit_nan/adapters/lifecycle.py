@@ -4,7 +4,8 @@ to the model, the model card section, and failed merges.
 
 - `mergekit.merge.run_merge` runs inside a `MergeSession` (created when the merge starts,
   closed when it returns or fails). A NAN merge's config is checked first, before any
-  tensor is loaded.
+  tensor is loaded. Every merge (stock methods too) then holds its output folder with a
+  lock file, so a second merge into it is refused while the first runs.
 - `TensorWriter.__init__/finalize`: the writer of the merge is remembered; once every
   tensor is written, a NAN merge saves `nan_coefficients.json` beside them, and any
   merge removes a `nan_coefficients.json` an earlier merge left in that folder.
@@ -18,6 +19,7 @@ hook calls it; so does `import mergekit_nan` when mergekit.merge is already ther
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import logging
@@ -38,6 +40,11 @@ from mergekit_nan.core.parameters import (
 from mergekit_nan.core.record import RECORD_FILENAME, card_section, to_json, write
 from mergekit_nan.core.session import MergeSession, current, opened
 from mergekit_nan.core.weighing import NonFiniteInput
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, merges there go unlocked
+    fcntl = None
 
 LOG = logging.getLogger("mergekit_nan")
 _MARK = "_mergekit_nan"  # set on every function this module installs
@@ -89,7 +96,7 @@ def _merge_runner(original):
         session = MergeSession(
             os.path.abspath(out_path), uses_nan=uses_nan, model_order=config_model_order(merge_config)
         )
-        with opened(session):
+        with opened(session), output_folder_held(session.out_path):
             try:
                 return original(merge_config, out_path, *args, **kwargs)
             except BaseException as error:  # Ctrl-C included: nothing half-written stays
@@ -98,6 +105,67 @@ def _merge_runner(original):
                 raise
 
     return run_merge
+
+
+# --- one merge per output folder -------------------------------------------------------
+
+LOCK_FILENAME = ".mergekit-merge.lock"
+
+
+class OutputFolderBusy(RuntimeError):
+    """Another merge is writing into the same output folder."""
+
+
+@contextlib.contextmanager
+def output_folder_held(out_path: str):
+    """Hold `out_path` for this merge: two merges writing one folder would mix their shards
+    (mergekit names its temporary shards `model-N.safetensors` whatever the merge).
+
+    An flock on `<out_path>/.mergekit-merge.lock`: the kernel releases it on any exit, a
+    SIGKILL included, so a lock file a killed merge left is never stale (the next merge
+    locks it again). The file is removed when the merge ends, so a finished folder does not
+    keep it. A folder that cannot be created or written is left to mergekit to report."""
+    created = not os.path.exists(out_path)
+    if fcntl is None:
+        yield
+        return
+    try:
+        os.makedirs(out_path, exist_ok=True)
+        handle = _locked(os.path.join(out_path, LOCK_FILENAME))
+    except OutputFolderBusy:
+        raise
+    except OSError:  # read-only, or a file: nothing can be written there, mergekit says why
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # while still held: a merge that opens it after this makes its own
+            os.remove(handle.name)
+        handle.close()
+        if created:  # a merge that failed before writing anything leaves no empty folder
+            with contextlib.suppress(OSError):
+                os.rmdir(out_path)
+
+
+def _locked(path: str):
+    while True:
+        handle = open(path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise OutputFolderBusy(
+                f"Another merge is writing into {os.path.dirname(path)} (it holds {path}); this merge was not"
+                " started and changed nothing there. Wait for that merge to end, or choose another output folder"
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+        except FileNotFoundError:  # removed by a merge that just ended
+            same = False
+        if same:
+            return handle
+        handle.close()  # locked a file its holder had already removed: take the new one
 
 
 def nan_method(merge_config) -> Optional[str]:
