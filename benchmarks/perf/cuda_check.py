@@ -79,8 +79,8 @@ def run(config: Path, out: Path, log: Path, env: dict, on_device: bool, smoke: b
     """One mergekit-yaml child: on the device (--cuda; the smoke's stand-in) or on the CPU."""
     options = ["--cuda"] if on_device and not smoke else []
     launcher = [sys.executable, "-c", FORCED_DEVICE_PATH] if on_device and smoke else None
-    wall, cpu, rss = merge_cost.run_merge(config, out, log, options, env, launcher=launcher)
-    return {"wall_s": wall, "cpu_s": cpu, "rss_mib": rss}
+    measured = merge_cost.run_merge(config, out, log, options, env, launcher=launcher)
+    return {key: measured[key] for key in ("wall_s", "cpu_s", "rss_mib")}
 
 
 def best_time(step, repeat: int, sync) -> float:
