@@ -190,7 +190,7 @@ def run_unit(ctx: Context, regime: str, seed: int) -> dict:
         got = ctx.cached_score(jobs[d]["key"], model)
         add(f"fine-tune {d}", got, kind="reference", domain=d, eval_seconds=got["eval_seconds"])
 
-    configs = HERE / "results" / ("smoke" if ctx.smoke else "") / "configs" / regime / f"seed{seed}"
+    configs = args.out / "configs" / regime / f"seed{seed}"
     work = args.work / ("smoke" if ctx.smoke else "")
     variants = [("", {"temperature": TEMPERATURE})] + [(c, CANDIDATES[c]) for c in ctx.candidates]
     for stock, (model_params, params, grid, randomized) in ctx.methods.items():
