@@ -1,8 +1,11 @@
 """Apply the weighting-selection rule (benchmarks/quality/results/expectations.md, 2026-12-02) to the
 candidate results of both quality benchmarks, and write the table it decides from.
 
-    python select_weighting.py [--minilm quality/results/candidates/results.json]
+    python select_weighting.py [--minilm quality/results/candidates/*/results.json]
                                [--smollm2 quality_llm/results/candidates/results.json] [--out candidates.md]
+
+Each option takes one or more results.json (a regime's run each, or one run of several regimes); the
+defaults are every candidate run committed under the two benchmarks.
 
 Per wrapped method and candidate, every case (regime x family; SmolLM2 gives two measures: macro held-out
 loss and arithmetic exact match) shows candidate - stock with its paired 95% CI, signed so that positive is
@@ -122,16 +125,23 @@ def table(cells: dict, decisions: dict) -> list[str]:
     return lines
 
 
+def committed(folder: Path) -> list[Path]:
+    """The results.json of every candidate run under `folder` (itself, or one sub-folder per run)."""
+    return sorted(folder.glob("results.json")) + sorted(folder.glob("*/results.json"))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--minilm", type=Path, default=HERE / "quality" / "results" / "candidates" / "results.json")
-    ap.add_argument("--smollm2", type=Path, default=HERE / "quality_llm" / "results" / "candidates" / "results.json")
+    ap.add_argument("--minilm", type=Path, nargs="+", default=committed(HERE / "quality" / "results" / "candidates"))
+    ap.add_argument(
+        "--smollm2", type=Path, nargs="+", default=committed(HERE / "quality_llm" / "results" / "candidates")
+    )
     ap.add_argument("--out", type=Path, default=HERE / "candidates.md")
     args = ap.parse_args(argv)
     cells = {}
     sources = []
-    for path, reader in ((args.minilm, minilm_cells), (args.smollm2, smollm2_cells)):
-        if path.exists():
+    for paths, reader in ((args.minilm, minilm_cells), (args.smollm2, smollm2_cells)):
+        for path in paths:
             for key, cases in reader(json.loads(path.read_text())).items():
                 cells.setdefault(key, {}).update(cases)
             sources.append(str(path.relative_to(HERE)) if path.is_relative_to(HERE) else str(path))
