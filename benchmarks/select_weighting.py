@@ -132,9 +132,9 @@ def committed(folder: Path) -> list[Path]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--minilm", type=Path, nargs="+", default=committed(HERE / "quality" / "results" / "candidates"))
+    ap.add_argument("--minilm", type=Path, nargs="*", default=committed(HERE / "quality" / "results" / "candidates"))
     ap.add_argument(
-        "--smollm2", type=Path, nargs="+", default=committed(HERE / "quality_llm" / "results" / "candidates")
+        "--smollm2", type=Path, nargs="*", default=committed(HERE / "quality_llm" / "results" / "candidates")
     )
     ap.add_argument("--out", type=Path, default=HERE / "candidates.md")
     args = ap.parse_args(argv)
