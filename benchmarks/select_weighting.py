@@ -4,7 +4,10 @@ candidate results of both quality benchmarks, and write the table it decides fro
     python select_weighting.py [--minilm quality/results/candidates/*/results.json]
                                [--smollm2 quality_llm/results/candidates/results.json] [--out candidates.md]
 
-Each option takes one or more results.json (a regime's run each, or one run of several regimes); the
+The runs on the confirmation seeds (`results/confirmation/` of each benchmark) are shown after the pick, with
+the same cells and the same "safe" test; they take no part in it.
+
+Each option takes zero or more results.json (a regime's run each, or one run of several regimes); the
 defaults are every candidate run committed under the two benchmarks.
 
 Per wrapped method and candidate, every case (regime x family; SmolLM2 gives two measures: macro held-out
@@ -125,6 +128,40 @@ def table(cells: dict, decisions: dict) -> list[str]:
     return lines
 
 
+def confirmation(cells: dict, decisions: dict) -> list[str]:
+    """Every candidate run on the confirmation seeds, the seed-0 pick of each method marked."""
+    cases = sorted({c for v in cells.values() for c in v}, key=lambda c: (not c.startswith("MiniLM"), c))
+    lines = [
+        "## Confirmation seeds (they did not take part in the pick)",
+        "",
+        "| method | candidate | " + " | ".join(cases) + " | safe |",
+        "|---|---|" + "---|" * (len(cases) + 1),
+    ]
+    for method in METHOD_ORDER:
+        pick = decisions[method]["pick"]
+        labels = [label for m, label in cells if m == method]
+        for label in sorted(labels, key=lambda x: SIMPLICITY.index(x) if x in SIMPLICITY else 99):
+            row = cells[(method, label)]
+            shown = [f"{row[c][0]:+.2f} [{row[c][1]:+.2f}, {row[c][2]:+.2f}]" if c in row else "" for c in cases]
+            safe = all(hi >= 0 for _, _, hi in row.values())
+            lines.append(
+                f"| {method} | {label}{' (pick)' if label == pick else ''} | "
+                + " | ".join(shown)
+                + f" | {'yes' if safe else 'no'} |"
+            )
+    return lines + [""]
+
+
+def read_cells(minilm: list[Path], smollm2: list[Path], sources: list[str]) -> dict:
+    cells: dict = {}
+    for paths, reader in ((minilm, minilm_cells), (smollm2, smollm2_cells)):
+        for path in paths:
+            for key, cases in reader(json.loads(path.read_text())).items():
+                cells.setdefault(key, {}).update(cases)
+            sources.append(str(path.relative_to(HERE)) if path.is_relative_to(HERE) else str(path))
+    return cells
+
+
 def committed(folder: Path) -> list[Path]:
     """The results.json of every candidate run under `folder` (itself, or one sub-folder per run)."""
     return sorted(folder.glob("results.json")) + sorted(folder.glob("*/results.json"))
@@ -136,16 +173,19 @@ def main(argv=None):
     ap.add_argument(
         "--smollm2", type=Path, nargs="*", default=committed(HERE / "quality_llm" / "results" / "candidates")
     )
+    ap.add_argument(
+        "--confirm-minilm", type=Path, nargs="*", default=committed(HERE / "quality" / "results" / "confirmation")
+    )
+    ap.add_argument(
+        "--confirm-smollm2", type=Path, nargs="*", default=committed(HERE / "quality_llm" / "results" / "confirmation")
+    )
     ap.add_argument("--out", type=Path, default=HERE / "candidates.md")
     args = ap.parse_args(argv)
-    cells = {}
-    sources = []
-    for paths, reader in ((args.minilm, minilm_cells), (args.smollm2, smollm2_cells)):
-        for path in paths:
-            for key, cases in reader(json.loads(path.read_text())).items():
-                cells.setdefault(key, {}).update(cases)
-            sources.append(str(path.relative_to(HERE)) if path.is_relative_to(HERE) else str(path))
+    sources: list[str] = []
+    cells = read_cells(args.minilm, args.smollm2, sources)
     decisions = decide(cells)
+    confirm_sources: list[str] = []
+    confirm = read_cells(args.confirm_minilm, args.confirm_smollm2, confirm_sources)
     lines = [
         "# Weighting candidates: candidate − stock, every case (positive = candidate better)",
         "",
@@ -154,6 +194,8 @@ def main(argv=None):
         "exact match (points). Paired 95% CIs. Rule: benchmarks/quality/results/expectations.md (2026-12-02).",
         "",
     ] + table(cells, decisions)
+    if confirm:
+        lines += confirmation(confirm, decisions) + [f"(from {', '.join(confirm_sources)})", ""]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return decisions
