@@ -302,7 +302,11 @@ class SeedRun:
                 **more,
             )
 
-        self.cached(name, ["grid", grid, method, extra], compute)
+        info = self.cached(name, ["grid", grid, method, extra], compute)
+        if self.info[name]["cached_row"]:  # a cached row leaves the configs it was merged with, as a computed one
+            if nan:
+                self.merge(f"{name} (λ=1)", method, {"weight": 1.0}, dict(extra, **{"lambda": 1.0}))
+            self.merge(name, method, info["model_params"], info["global_params"])
 
     def method_rows(self, method, known, temperatures, granularities, skipped, weightings=()):
         spec = METHODS[method]
