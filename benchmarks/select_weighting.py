@@ -77,6 +77,19 @@ def smollm2_cells(doc: dict) -> dict:
     return cells
 
 
+def simplicity(label: str) -> int:
+    """The rule's last tie-break, also the order rows are shown in (unknown labels last)."""
+    return SIMPLICITY.index(label) if label in SIMPLICITY else len(SIMPLICITY)
+
+
+def case_order(cells: dict) -> list[str]:
+    return sorted({c for v in cells.values() for c in v}, key=lambda c: (not c.startswith("MiniLM"), c))
+
+
+def shown(row: dict, cases: list[str]) -> str:
+    return " | ".join(f"{row[c][0]:+.2f} [{row[c][1]:+.2f}, {row[c][2]:+.2f}]" if c in row else "" for c in cases)
+
+
 def decide(cells: dict) -> dict:
     """Per method: each candidate's verdict and the pick (None: no candidate is safe)."""
     out = {}
@@ -94,10 +107,9 @@ def decide(cells: dict) -> dict:
                 "mean_minilm": sum(minilm) / len(minilm) if minilm else float("nan"),
             }
         safe = [label for label, v in verdicts.items() if v["safe"]]
-        rank = {label: SIMPLICITY.index(label) if label in SIMPLICITY else len(SIMPLICITY) for label in safe}
         pick = max(
             safe,
-            key=lambda label: (len(verdicts[label]["better_in"]), verdicts[label]["mean_minilm"], -rank[label]),
+            key=lambda label: (len(verdicts[label]["better_in"]), verdicts[label]["mean_minilm"], -simplicity(label)),
             default=None,
         )
         out[method] = {"verdicts": verdicts, "pick": pick}
@@ -105,7 +117,7 @@ def decide(cells: dict) -> dict:
 
 
 def table(cells: dict, decisions: dict) -> list[str]:
-    cases = sorted({c for v in cells.values() for c in v}, key=lambda c: (not c.startswith("MiniLM"), c))
+    cases = case_order(cells)
     lines = []
     for method in METHOD_ORDER:
         verdicts = decisions[method]["verdicts"]
@@ -117,49 +129,45 @@ def table(cells: dict, decisions: dict) -> list[str]:
             "| candidate | " + " | ".join(cases) + " | safe | better in |",
             "|---|" + "---|" * (len(cases) + 2),
         ]
-        for label in sorted(verdicts, key=lambda x: SIMPLICITY.index(x) if x in SIMPLICITY else 99):
-            row = cells[(method, label)]
-            shown = [f"{row[c][0]:+.2f} [{row[c][1]:+.2f}, {row[c][2]:+.2f}]" if c in row else "" for c in cases]
+        for label in sorted(verdicts, key=simplicity):
             v = verdicts[label]
             lines.append(
-                f"| {label} | " + " | ".join(shown) + f" | {'yes' if v['safe'] else 'no'} | {len(v['better_in'])} |"
+                f"| {label} | {shown(cells[(method, label)], cases)} | {'yes' if v['safe'] else 'no'} "
+                f"| {len(v['better_in'])} |"
             )
         lines.append("")
     return lines
 
 
-def confirmation(cells: dict, decisions: dict) -> list[str]:
-    """Every candidate run on the confirmation seeds, the seed-0 pick of each method marked."""
-    cases = sorted({c for v in cells.values() for c in v}, key=lambda c: (not c.startswith("MiniLM"), c))
+def confirmation(cells: dict, picks: dict) -> list[str]:
+    """Every candidate run on the confirmation seeds, judged by the same rule, the seed-0 pick of each method
+    marked."""
+    cases = case_order(cells)
     lines = [
         "## Confirmation seeds (they did not take part in the pick)",
         "",
         "| method | candidate | " + " | ".join(cases) + " | safe |",
         "|---|---|" + "---|" * (len(cases) + 1),
     ]
-    for method in METHOD_ORDER:
-        pick = decisions[method]["pick"]
-        labels = [label for m, label in cells if m == method]
-        for label in sorted(labels, key=lambda x: SIMPLICITY.index(x) if x in SIMPLICITY else 99):
-            row = cells[(method, label)]
-            shown = [f"{row[c][0]:+.2f} [{row[c][1]:+.2f}, {row[c][2]:+.2f}]" if c in row else "" for c in cases]
-            safe = all(hi >= 0 for _, _, hi in row.values())
-            lines.append(
-                f"| {method} | {label}{' (pick)' if label == pick else ''} | "
-                + " | ".join(shown)
-                + f" | {'yes' if safe else 'no'} |"
-            )
+    for method, decision in decide(cells).items():
+        pick = picks[method]["pick"]
+        for label in sorted(decision["verdicts"], key=simplicity):
+            marked = label + (" (pick)" if label == pick else "")
+            safe = "yes" if decision["verdicts"][label]["safe"] else "no"
+            lines.append(f"| {method} | {marked} | {shown(cells[(method, label)], cases)} | {safe} |")
     return lines + [""]
 
 
-def read_cells(minilm: list[Path], smollm2: list[Path], sources: list[str]) -> dict:
+def read_cells(minilm: list[Path], smollm2: list[Path]) -> tuple[dict, list[str]]:
+    """The cells of every results.json given, and the files they came from."""
     cells: dict = {}
+    sources = []
     for paths, reader in ((minilm, minilm_cells), (smollm2, smollm2_cells)):
         for path in paths:
             for key, cases in reader(json.loads(path.read_text())).items():
                 cells.setdefault(key, {}).update(cases)
             sources.append(str(path.relative_to(HERE)) if path.is_relative_to(HERE) else str(path))
-    return cells
+    return cells, sources
 
 
 def committed(folder: Path) -> list[Path]:
@@ -181,11 +189,9 @@ def main(argv=None):
     )
     ap.add_argument("--out", type=Path, default=HERE / "candidates.md")
     args = ap.parse_args(argv)
-    sources: list[str] = []
-    cells = read_cells(args.minilm, args.smollm2, sources)
+    cells, sources = read_cells(args.minilm, args.smollm2)
     decisions = decide(cells)
-    confirm_sources: list[str] = []
-    confirm = read_cells(args.confirm_minilm, args.confirm_smollm2, confirm_sources)
+    confirm, confirm_sources = read_cells(args.confirm_minilm, args.confirm_smollm2)
     lines = [
         "# Weighting candidates: candidate − stock, every case (positive = candidate better)",
         "",
