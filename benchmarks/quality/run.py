@@ -240,14 +240,15 @@ class SeedRun:
         nan = method != "task_arithmetic"
         extra = dict(extra or {})
 
+        def direction_config():  # a NAN direction: its merge at weight 1, lambda 1
+            return self.merge(f"{name} (λ=1)", method, {"weight": 1.0}, dict(extra, **{"lambda": 1.0}))
+
         def compute():
             t0 = time.time()
             base = load_file(str(self.base / "model.safetensors"))
             keys = [k for k in base if k.startswith("bert.")]
             if nan:
-                path, out_dir, options = self.merge(
-                    f"{name} (λ=1)", method, {"weight": 1.0}, dict(extra, **{"lambda": 1.0})
-                )
+                path, out_dir, options = direction_config()
                 self.run_merge(path, out_dir, options)
                 merged = load_file(str(out_dir / "model.safetensors"))
                 direction = {k: merged[k] - base[k] for k in keys}
@@ -305,7 +306,7 @@ class SeedRun:
         info = self.cached(name, ["grid", grid, method, extra], compute)
         if self.info[name]["cached_row"]:  # a cached row leaves the configs it was merged with, as a computed one
             if nan:
-                self.merge(f"{name} (λ=1)", method, {"weight": 1.0}, dict(extra, **{"lambda": 1.0}))
+                direction_config()
             self.merge(name, method, info["model_params"], info["global_params"])
 
     def method_rows(self, method, known, temperatures, granularities, skipped, weightings=()):
