@@ -32,6 +32,12 @@ METHOD_ORDER = ["task_arithmetic", TUNED, "ties", "dare_ties"]
 SIMPLICITY = ["T=1", "weighting=shrink_median", "weighting=shrink_geomean", "T=2", "T=0.5", "T=4"]
 
 
+def case_name(family: str, regime: str, seeds: list[int]) -> str:
+    """A case is a family and regime on the picking seed 0; other seeds (the confirmation runs) are named, so two
+    seeds of one regime stay two cases."""
+    return f"{family} {regime}" + ("" if seeds == [0] else " seed " + ",".join(map(str, seeds)))
+
+
 def minilm_cells(doc: dict) -> dict:
     """{(method, candidate): {case: (mean, lo, hi) in accuracy points}} from MiniLM's results.json."""
     cells: dict = {}
@@ -45,7 +51,8 @@ def minilm_cells(doc: dict) -> dict:
             else:
                 method, label = stock, name.removeprefix(f"nan_{stock} ")
             d = row["diff_vs_stock"]["avg"]
-            cells.setdefault((method, label), {})[f"MiniLM {regime}"] = tuple(100 * d[k] for k in ("mean", "lo", "hi"))
+            case = case_name("MiniLM", regime, row["seeds"])
+            cells.setdefault((method, label), {})[case] = tuple(100 * d[k] for k in ("mean", "lo", "hi"))
     return cells
 
 
@@ -54,6 +61,7 @@ def smollm2_cells(doc: dict) -> dict:
     match (points); task arithmetic at λ = 1 stands for its fixed setting."""
     cells: dict = {}
     for regime, section in doc["regimes"].items():
+        case = case_name("SmolLM2", regime, section["seeds"])
         for name, row in section["rows"].items():
             diff = row.get("nan_minus_stock")
             if not diff or not name.startswith("nan_"):
@@ -71,9 +79,9 @@ def smollm2_cells(doc: dict) -> dict:
                 method = stock
             loss = diff["loss_macro"]
             out = cells.setdefault((method, label), {})
-            out[f"SmolLM2 {regime} loss"] = tuple(-loss[k] for k in ("mean", "hi", "lo"))
+            out[f"{case} loss"] = tuple(-loss[k] for k in ("mean", "hi", "lo"))
             for domain, em in diff["exact_match"].items():
-                out[f"SmolLM2 {regime} EM {domain}"] = tuple(100 * em[k] for k in ("mean", "lo", "hi"))
+                out[f"{case} EM {domain}"] = tuple(100 * em[k] for k in ("mean", "lo", "hi"))
     return cells
 
 
