@@ -26,10 +26,17 @@ METHODS = {
     "della": ({}, {"density": 0.6, "epsilon": 0.1}),
     "della_linear": ({"lambda": 1.3}, {"density": 0.6, "epsilon": 0.1}),
 }
+# The default temperature of nan_<method> where the README's parameter table gives one other than 1.0.
+DEFAULT_TEMPERATURE = {"task_arithmetic": 4.0, "dare_ties": 4.0}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PRIORS = [1.0, 2.0, 0.5]
 SEED = 7
 TOLERANCE = {"float32": dict(rtol=1e-5, atol=1e-6), "bfloat16": dict(rtol=8e-3, atol=1e-3)}
+
+
+def default_temperature(method: str) -> float:
+    """The documented default `temperature` of `method` (nan_<m> or <m>)."""
+    return DEFAULT_TEMPERATURE.get(method.removeprefix("nan_"), 1.0)
 
 
 def mergekit_yaml(config: dict, out: str, *extra: str, command: str = "mergekit-yaml") -> subprocess.CompletedProcess:

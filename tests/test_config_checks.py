@@ -7,7 +7,7 @@ import pytest
 import torch
 from checkpoints import load, make_family
 from edge_families import poisoned_family
-from merging import mergekit_yaml, nan_config, read_record, run_in_process
+from merging import default_temperature, mergekit_yaml, nan_config, read_record, run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_unknown_key_warns_naming_the_nearest_parameter_and_merges(family, tmp_p
         "nan_task_arithmetic: parameter `sharpness` in the top-level `parameters:` is not a parameter of "
         "nan_task_arithmetic and is ignored; the nearest known parameter is"
     ) in caplog.text
-    assert read_record(str(tmp_path / "out"))["parameters"]["temperature"] == 1.0
+    assert read_record(str(tmp_path / "out"))["parameters"]["temperature"] == default_temperature("nan_task_arithmetic")
 
 
 def test_nan_linear_with_a_zero_weight_merges_like_stock_linear(family, tmp_path):

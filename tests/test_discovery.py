@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from checkpoints import load, make_family
-from merging import BIN, nan_config, read_record
+from merging import BIN, default_temperature, nan_config, read_record
 
 from mergekit_nan.yaml_run import write_config
 
@@ -104,13 +104,19 @@ def test_merge_tensors_and_merge_state_dicts(family):
     name = "model.layers.0.mlp.up_proj.weight"
     tensors = [base[name], a[name], b[name]]
     n = [(t.double() - base[name].double()).norm().item() for t in tensors[1:]]
-    w = [2 * (1 / x) / sum(1 / y for y in n) for x in n]
+
+    def weights(method):  # the paper's n^(-1/T) over the two models, budget 2
+        power = -1 / default_temperature(method)
+        return [2 * x**power / sum(y**power for y in n) for x in n]
+
+    w = weights("nan_task_arithmetic")
     expected = base[name] + sum(wi * (t - base[name]) for wi, t in zip(w, tensors[1:]))
     with mergekit_nan.recording() as records:
         merged = merge_tensors(tensors, "nan_task_arithmetic", base_index=0, name=name)
     torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-6)
     assert records[0].tensor == name and list(records[0].weights) == pytest.approx(w)
 
+    w = weights("nan_ties")
     merged_all = merge_state_dicts({"base": base, "a": a, "b": b}, "nan_ties", base="base", parameters={"density": 1.0})
     assert merged_all.keys() == base.keys()
     stock = merge_state_dicts(

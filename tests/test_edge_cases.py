@@ -7,7 +7,15 @@ import pytest
 import torch
 from checkpoints import load, make_family
 from edge_families import POISONED, poisoned_family
-from merging import mergekit_yaml, nan_config, per_tensor_weight_config, read_record, reference_weights, run_in_process
+from merging import (
+    default_temperature,
+    mergekit_yaml,
+    nan_config,
+    per_tensor_weight_config,
+    read_record,
+    reference_weights,
+    run_in_process,
+)
 from safetensors.torch import load_file
 
 
@@ -24,7 +32,7 @@ def test_untouched_tensors(lora_like, tmp_path):
     out = str(tmp_path / "ta")
     run_in_process(nan_config("nan_task_arithmetic", paths, [1, 1, 1], "float32"), out)
     base, tuned, merged = load(paths[0]), [load(p) for p in paths[1:]], load(out)
-    weights = reference_weights(base, tuned, [1, 1, 1], 1.0)
+    weights = reference_weights(base, tuned, [1, 1, 1], default_temperature("nan_task_arithmetic"))
     record = {t["name"]: t for t in read_record(out)["tensors"]}
     for name, b in base.items():
         if "k_proj" in name:  # every delta zero: the output is the base tensor

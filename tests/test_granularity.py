@@ -7,7 +7,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from checkpoints import load, make_family
-from merging import mergekit_yaml, nan_config, read_record, reference_group_weights, run_in_process
+from merging import (
+    default_temperature,
+    mergekit_yaml,
+    nan_config,
+    read_record,
+    reference_group_weights,
+    run_in_process,
+)
 from safetensors.torch import save_file
 
 LLAMA_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -47,7 +54,9 @@ def test_matches_reference_through_mergekit_yaml(family, merges, case):
     assert runs[case].returncode == 0, runs[case].stderr[-2000:]
     params, group_of, norm_of = CASES[case]
     base, tuned = load(family[0]), [load(p) for p in family[1:]]
-    weights = reference_group_weights(base, tuned, PRIORS, params.get("temperature", 1.0), group_of, norm_of)
+    weights = reference_group_weights(
+        base, tuned, PRIORS, params.get("temperature", default_temperature("nan_task_arithmetic")), group_of, norm_of
+    )
     merged = load(jobs[case][1])
     record = {t["name"]: t for t in read_record(jobs[case][1])["tensors"]}
     for name, b in base.items():
@@ -141,7 +150,7 @@ def test_layer_groups_follow_mergekit_architecture_info_on_gpt2(tmp_path):
     base, tuned = load(paths[0]), [load(p) for p in paths[1:]]
     record = {t["name"]: t for t in read_record(out)["tensors"]}
     group_of = lambda n: f"layer {m.group(1)}" if (m := block.match(n)) else n  # noqa: E731
-    weights = reference_group_weights(base, tuned, [1.0, 1.0], 1.0, group_of)
+    weights = reference_group_weights(base, tuned, [1.0, 1.0], default_temperature("nan_task_arithmetic"), group_of)
     assert len(record) == len(base)
     for name, entry in record.items():  # mergekit names GPT-2 weights without 'transformer.'
         checkpoint_name = name if name in base else next(n for n in base if n.endswith("." + name))

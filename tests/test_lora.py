@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from checkpoints import TINY_LLAMA, load, make_family
-from merging import mergekit_yaml, read_record
+from merging import default_temperature, mergekit_yaml, read_record
 
 
 def make_adapter(base_path, out, seed, scale, targets, rank=4, alpha=8, rslora=False):
@@ -74,8 +74,8 @@ def test_adapters_merge_through_the_lora_cache(adapters, tmp_path, method):
         if not any(taking):  # no adapter touched it: the base tensor, exactly
             assert torch.equal(merged[name], base[name]), name
     shared = "model.layers.0.self_attn.v_proj.weight"  # both adapters: NAN splits the budget of 2
-    n1, n2 = gram[0][shared], gram[1][shared]
-    assert record[shared]["weights"] == pytest.approx([2 * n2 / (n1 + n2), 2 * n1 / (n1 + n2)], rel=1e-5)
+    p1, p2 = (gram[i][shared] ** (-1 / default_temperature(method)) for i in (0, 1))
+    assert record[shared]["weights"] == pytest.approx([2 * p1 / (p1 + p2), 2 * p2 / (p1 + p2)], rel=1e-5)
     only_one = "model.layers.0.self_attn.q_proj.weight"  # adapter 1 alone: its own weight, 1
     assert record[only_one]["weights"] == pytest.approx([1.0, 0.0])
 

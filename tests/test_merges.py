@@ -7,19 +7,23 @@ that an independent float64 computation of NAN prescribes; `nan_task_arithmetic`
 must also equal base + lambda * sum w_i delta_i written out by hand.
 """
 
+import json
 import math
 import os
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from checkpoints import load, make_family
 from merging import (
+    BIN,
     DTYPES,
     METHODS,
     PRIORS,
     SEED,
     TOLERANCE,
+    default_temperature,
     mergekit_yaml,
     nan_config,
     per_tensor_weight_config,
@@ -27,6 +31,8 @@ from merging import (
     reference_weights,
     run_in_process,
 )
+
+from mergekit_nan.yaml_run import write_config
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +61,7 @@ def test_equals_stock_method_with_nan_weights(sweep, tmp_path, method, dtype):
     config, out = jobs[(method, dtype)]
     paths = families[dtype]
     base, tuned = load(paths[0]), [load(p) for p in paths[1:]]
-    temperature = METHODS[method][0].get("temperature", 1.0)
+    temperature = METHODS[method][0].get("temperature", default_temperature(method))
     weights = reference_weights(base, tuned, PRIORS, temperature)
 
     stock_out = str(tmp_path / "stock")
@@ -116,3 +122,41 @@ def test_model_card_names_nan_and_the_paper(sweep):
     # ft2's delta is 25x ft0's: its coefficient is under a quarter of an equal share everywhere
     assert f"{record['models'][2]} gets less than 25% of an equal share on {len(record['tensors'])} of the" in card
     assert f"{record['models'][0]} gets less than" not in card
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_ties", "ties"])
+def test_unset_temperature_is_the_methods_default(tmp_path, method):
+    """With no `temperature` in the config, each method merges at its documented default
+    (4 for task arithmetic and DARE-TIES, the paper's 1 for TIES), and the record, the
+    card and `inspect` all say so."""
+    paths = make_family(str(tmp_path / "family"), [0.002, 0.01, 0.05])
+    per_model = METHODS[method][1]
+    config = nan_config(f"nan_{method}", paths, PRIORS, "float32", None, per_model)
+    out = str(tmp_path / "nan")
+    run = mergekit_yaml(config, out, "--random-seed", str(SEED))
+    assert run.returncode == 0, run.stderr[-3000:]
+    temperature = default_temperature(method)
+    base, tuned = load(paths[0]), [load(p) for p in paths[1:]]
+    weights = reference_weights(base, tuned, PRIORS, temperature)
+    run_in_process(per_tensor_weight_config(config, weights, method), str(tmp_path / "stock"), seed=SEED)
+    merged, stock = load(out), load(str(tmp_path / "stock"))
+    for name in base:
+        torch.testing.assert_close(merged[name], stock[name], **TOLERANCE["float32"], msg=name)
+
+    record = read_record(out)
+    assert record["parameters"]["temperature"] == temperature
+    for entry in record["tensors"]:
+        assert entry["weights"] == pytest.approx(weights[entry["name"]], rel=1e-5)
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert f"`temperature: {temperature}`" in card
+
+    inspected = tmp_path / "inspect"
+    config_file = write_config(tmp_path / "c.yml", config)
+    look = subprocess.run(
+        [os.path.join(BIN, "mergekit-nan"), "inspect", str(config_file), "--out", str(inspected)],
+        capture_output=True,
+        text=True,
+    )
+    assert look.returncode == 0, look.stderr[-2000:]
+    with open(inspected / "coefficients.json", encoding="utf-8") as handle:
+        assert json.load(handle) == record

@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from checkpoints import load, make_family
-from merging import nan_config, read_record, reference_weights
+from merging import default_temperature, nan_config, read_record, reference_weights
 
 
 def run_merge(config, out, card=True):
@@ -54,7 +54,7 @@ def test_two_merges_in_threads_keep_their_records_apart(families, tmp_path):
         record = read_record(out)
         assert record["models"] == family[1:]
         base, tuned = load(family[0]), [load(p) for p in family[1:]]
-        weights = reference_weights(base, tuned, [1.0] * len(tuned), 1.0)
+        weights = reference_weights(base, tuned, [1.0] * len(tuned), default_temperature("nan_task_arithmetic"))
         assert sorted(t["name"] for t in record["tensors"]) == sorted(base)  # each tensor once
         for entry in record["tensors"]:
             assert entry["weights"] == pytest.approx(weights[entry["name"]], rel=1e-6)

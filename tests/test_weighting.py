@@ -21,6 +21,7 @@ from merging import (
     PRIORS,
     SEED,
     TOLERANCE,
+    default_temperature,
     mergekit_yaml,
     nan_config,
     per_tensor_weight_config,
@@ -158,7 +159,7 @@ def test_equals_stock_method_with_shrink_weights(sweep, tmp_path, method, weight
     config, out = jobs[(method, weighting, dtype)]
     paths = families[dtype]
     base, tuned = load(paths[0]), [load(p) for p in paths[1:]]
-    temperature = METHODS[method][0].get("temperature", 1.0)
+    temperature = METHODS[method][0].get("temperature", default_temperature(method))
     weights = reference_shrink_weights(base, tuned, PRIORS, weighting.removeprefix("shrink_"), temperature)
 
     stock_config = per_tensor_weight_config(config, weights, method)
@@ -197,9 +198,10 @@ def test_zero_delta_and_zero_prior_through_mergekit_yaml(tmp_path):
     for name, b in base.items():
         b64 = b.double()
         n1, n2 = ((t[name].double() - b64).norm().item() for t in tuned[1:3])
-        # the median of two participants is their mean: ft1 keeps 1, ft2 is shrunk
+        # the median of two participants is their mean: ft1 keeps 1, ft2 is shrunk, by
+        # (ref / n2)^(1/T) at the method's default temperature
         ref = statistics.median([n1, n2])
-        w2 = min(1.0, ref / n2)
+        w2 = min(1.0, (ref / n2) ** (1 / default_temperature("nan_task_arithmetic")))
         expected = b64 + (tuned[1][name].double() - b64) + w2 * (tuned[2][name].double() - b64)
         torch.testing.assert_close(merged[name], expected.float(), rtol=1e-5, atol=1e-6, msg=name)
     for entry in read_record(str(tmp_path / "out"))["tensors"]:

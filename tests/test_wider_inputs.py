@@ -14,7 +14,14 @@ import os
 import pytest
 import torch
 from checkpoints import load, make_family, perturbed
-from merging import mergekit_yaml, nan_config, per_tensor_weight_config, reference_weights, run_in_process
+from merging import (
+    default_temperature,
+    mergekit_yaml,
+    nan_config,
+    per_tensor_weight_config,
+    reference_weights,
+    run_in_process,
+)
 from safetensors.torch import save_file
 
 ARCHITECTURES = {
@@ -55,7 +62,8 @@ def assert_equals_stock(paths, config, out, stock_out, method):
     run = mergekit_yaml(config, out)
     assert run.returncode == 0, run.stderr[-3000:]
     states = [load(p) for p in paths]
-    weights = reference_weights(states[0], states[1:], [m["parameters"]["weight"] for m in config["models"]], 1.0)
+    priors = [m["parameters"]["weight"] for m in config["models"]]
+    weights = reference_weights(states[0], states[1:], priors, default_temperature(method))
     run_in_process(per_tensor_weight_config(config, weights, method), stock_out)
     mine, stock = load(out), load(stock_out)
     assert mine.keys() == stock.keys()
@@ -89,7 +97,7 @@ def test_a_slices_config_weighs_the_layers_it_takes(tmp_path):
     run = mergekit_yaml(config, str(tmp_path / "nan"))
     assert run.returncode == 0, run.stderr[-3000:]
     states = [load(p) for p in paths]
-    weights = reference_weights(states[0], states[1:], [1.0, 1.0, 1.0], 1.0)
+    weights = reference_weights(states[0], states[1:], [1.0, 1.0, 1.0], default_temperature("nan_task_arithmetic"))
     merged = load(str(tmp_path / "nan"))
     layer_names = [n for n in merged if n.startswith("model.layers.")]
     assert layer_names and all(n.startswith("model.layers.0.") for n in layer_names)

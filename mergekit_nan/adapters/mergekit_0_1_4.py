@@ -143,7 +143,11 @@ class NanMethod(MergeMethod):
 
     def parameters(self):
         own = [
-            ConfigParameterDef(name=name, required=False, default_value=nan_parameters.SHARED[name][0])
+            ConfigParameterDef(
+                name=name,
+                required=False,
+                default_value=nan_parameters.shared_default(name, self.wrapped.name()),
+            )
             for name in self.nan_shared
         ]
         return list(self.wrapped.parameters()) + own

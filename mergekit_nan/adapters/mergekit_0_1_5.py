@@ -48,7 +48,8 @@ def _nan_spec(inner: MergeMethodSpec, shared: Sequence[str]) -> MergeMethodSpec:
     """The wrapped method's spec, renamed, with `weight` optional and NAN's parameters."""
     parameters = [replace(p, default=1.0) if p.name == nan_parameters.PRIOR else p for p in inner.parameters]
     for name in shared:
-        default, description = nan_parameters.SHARED[name]
+        default = nan_parameters.shared_default(name, inner.name)
+        description = nan_parameters.SHARED[name][1]
         parameters.append(
             ParameterSpec(name, _TYPES[name], ParameterScope.SHARED, default=default, description=description)
         )

@@ -30,7 +30,19 @@ SHARED = {
     ),
 }
 LINEAR_SHARED = ("temperature", "weighting")
+# Where a wrapped method's own default differs from SHARED's: the weighting-selection rule of
+# the quality benchmarks (README, "When NAN helps") found the paper's T=1 measurably worse than
+# the stock method with task arithmetic and DARE-TIES, and T=4 never measurably worse.
+METHOD_DEFAULTS = {
+    "task_arithmetic": {"temperature": 4.0},
+    "dare_ties": {"temperature": 4.0},
+}
 PRIOR = "weight"  # per model, optional, default 1.0: a prior share of the weight budget
+
+
+def shared_default(name: str, wrapped_method: Optional[str]) -> Any:
+    """The default of NAN's shared parameter `name` in nan_<wrapped_method>."""
+    return METHOD_DEFAULTS.get(wrapped_method, {}).get(name, SHARED[name][0])
 
 
 class NanConfigError(ValueError):
