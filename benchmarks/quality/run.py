@@ -321,7 +321,8 @@ class SeedRun:
         variants += [
             (f"{nan} T=1 granularity={g}", {"temperature": 1.0, "granularity": g}, True) for g in granularities
         ]
-        variants += [(f"{nan} weighting={w}", {"weighting": w}, True) for w in weightings]
+        # every NAN setting is spelled out: a row must not change with the plugin's defaults
+        variants += [(f"{nan} weighting={w}", {"weighting": w, "temperature": 1.0}, True) for w in weightings]
         for name, extra, ablation in variants:
             try:
                 self.merge_row(
@@ -358,7 +359,7 @@ class SeedRun:
 def tuned_candidates(args) -> list:
     """(label, NAN parameters) of the nan_task_arithmetic rows with lambda from the val grid."""
     out = [(f"T={t:g}", {"temperature": t}) for t in args.tuned_temperatures]
-    return out + [(f"weighting={w}", {"weighting": w}) for w in args.weightings]
+    return out + [(f"weighting={w}", {"weighting": w, "temperature": 1.0}) for w in args.weightings]
 
 
 def _tag(name: str) -> str:

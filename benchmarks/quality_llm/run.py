@@ -52,13 +52,14 @@ SMOKE_GRID = [1.0]  # smoke: 4 merges per regime (task_arithmetic and ties, each
 SMOKE_METHODS = ("task_arithmetic", "ties")  # with its NAN version)
 TEMPERATURE = 1.0
 # NAN settings beside the paper's T=1 (`--candidates`): label -> NAN parameters. Rows are
-# named `nan_<m> [label]`, compared with the stock `<m>` row at the same settings.
+# named `nan_<m> [label]`, compared with the stock `<m>` row at the same settings. Every
+# setting is spelled out, so that a row does not change with the plugin's defaults.
 CANDIDATES = {
     "T=0.5": {"temperature": 0.5},
     "T=2": {"temperature": 2.0},
     "T=4": {"temperature": 4.0},
-    "weighting=shrink_median": {"weighting": "shrink_median"},
-    "weighting=shrink_geomean": {"weighting": "shrink_geomean"},
+    "weighting=shrink_median": {"weighting": "shrink_median", "temperature": TEMPERATURE},
+    "weighting=shrink_geomean": {"weighting": "shrink_geomean", "temperature": TEMPERATURE},
 }
 EXPECTATIONS = HERE / "results" / "expectations.md"
 
