@@ -39,6 +39,13 @@ def default_temperature(method: str) -> float:
     return DEFAULT_TEMPERATURE.get(method.removeprefix("nan_"), 1.0)
 
 
+def mergekit_nan_inspect(*args, env=None) -> subprocess.CompletedProcess:
+    """The real `mergekit-nan inspect` command line, in a subprocess."""
+    return subprocess.run(
+        [os.path.join(BIN, "mergekit-nan"), "inspect", *map(str, args)], capture_output=True, text=True, env=env
+    )
+
+
 def mergekit_yaml(config: dict, out: str, *extra: str, command: str = "mergekit-yaml") -> subprocess.CompletedProcess:
     """The real command line, in a subprocess, as a user would run it (config written to <out>.yml)."""
     return run_mergekit_yaml(config, out, ["--no-copy-tokenizer", *extra], command=command, check=False)

@@ -145,10 +145,7 @@ def test_nan_linear_with_a_zero_weight_merges_like_stock_linear(family, tmp_path
 
 
 def test_a_config_of_the_base_alone_merges_and_inspects(family, tmp_path):
-    import os
-    import subprocess
-
-    from merging import BIN
+    from merging import mergekit_nan_inspect
 
     from mergekit_nan.yaml_run import write_config
 
@@ -158,11 +155,7 @@ def test_a_config_of_the_base_alone_merges_and_inspects(family, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     base, merged = load(family[0]), load(out)
     assert all(torch.equal(merged[k], v) for k, v in base.items())
-    inspect = subprocess.run(
-        [os.path.join(BIN, "mergekit-nan"), "inspect", str(write_config(tmp_path / "c.yml", config))],
-        capture_output=True,
-        text=True,
-    )
+    inspect = mergekit_nan_inspect(write_config(tmp_path / "c.yml", config))
     assert inspect.returncode == 0, inspect.stderr[-2000:]
     assert "No model other than the base takes part" in inspect.stdout
 

@@ -9,13 +9,12 @@ tensor of the block (fused or not, the Frobenius norm is the same).
 import json
 import os
 import re
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from checkpoints import load
-from merging import BIN, mergekit_yaml, nan_config, per_tensor_weight_config, read_record
+from merging import mergekit_nan_inspect, mergekit_yaml, nan_config, per_tensor_weight_config, read_record
 from moe_families import moe_family
 from safetensors.torch import load_file, save_file
 
@@ -66,16 +65,8 @@ def runs(tmp_path_factory):
         )
         out = str(root / f"{arch}-{granularity}")
         merge = mergekit_yaml(config, out)
-        inspect = subprocess.run(
-            [
-                os.path.join(BIN, "mergekit-nan"),
-                "inspect",
-                str(write_config(root / f"{arch}-{granularity}-inspect.yml", config)),
-                "--out",
-                out + "-inspect",
-            ],
-            capture_output=True,
-            text=True,
+        inspect = mergekit_nan_inspect(
+            write_config(root / f"{arch}-{granularity}-inspect.yml", config), "--out", out + "-inspect"
         )
         return config, out, merge, inspect
 

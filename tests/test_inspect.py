@@ -3,12 +3,11 @@
 import csv
 import json
 import os
-import subprocess
 
 import pytest
 import yaml
 from checkpoints import make_family
-from merging import BIN, mergekit_yaml, nan_config, read_record
+from merging import mergekit_nan_inspect, mergekit_yaml, nan_config, read_record
 
 from mergekit_nan.yaml_run import write_config
 
@@ -22,17 +21,7 @@ def test_inspect_equals_the_merge_record(tmp_path):
     assert merge.returncode == 0, merge.stderr[-2000:]
 
     out = tmp_path / "inspect"
-    run = subprocess.run(
-        [
-            os.path.join(BIN, "mergekit-nan"),
-            "inspect",
-            str(write_config(tmp_path / "c.yml", config)),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    run = mergekit_nan_inspect(write_config(tmp_path / "c.yml", config), "--out", out)
     assert run.returncode == 0, run.stderr[-2000:]
     with open(out / "coefficients.json", encoding="utf-8") as handle:
         inspected = json.load(handle)
@@ -53,12 +42,6 @@ def test_inspect_equals_the_merge_record(tmp_path):
         assert (out / "coefficients.png").stat().st_size > 1000
 
 
-def run_inspect(*args, env=None):
-    return subprocess.run(
-        [os.path.join(BIN, "mergekit-nan"), "inspect", *map(str, args)], capture_output=True, text=True, env=env
-    )
-
-
 def test_without_matplotlib_the_hint_is_an_install_that_works(tmp_path):
     paths = make_family(str(tmp_path / "family"), [0.01, 0.02])
     config = write_config(tmp_path / "c.yml", nan_config("nan_ties", paths, [1, 1], "float32"))
@@ -66,7 +49,7 @@ def test_without_matplotlib_the_hint_is_an_install_that_works(tmp_path):
     hidden.mkdir(parents=True)
     (hidden / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
     env = dict(os.environ, PYTHONPATH=str(hidden.parent))
-    run = run_inspect(config, "--out", tmp_path / "inspect", env=env)
+    run = mergekit_nan_inspect(config, "--out", tmp_path / "inspect", env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "mergekit-nan[plot]" not in run.stdout  # not on the package index: that install fails
     assert "pip install matplotlib" in run.stdout and 'pip install ".[plot]"' in run.stdout
@@ -97,10 +80,10 @@ def test_a_config_error_is_one_line_and_exit_status_1(tmp_path, config, message)
     paths = make_family(str(tmp_path / "family"), [0.01])
     text = yaml.safe_dump(config).replace("BASE", paths[0]).replace("FT", paths[1])
     (tmp_path / "c.yml").write_text(text)
-    run = run_inspect(tmp_path / "c.yml")
+    run = mergekit_nan_inspect(tmp_path / "c.yml")
     assert run.returncode == 1
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], run.stderr[-3000:]
     assert "Traceback" not in run.stderr + run.stdout
-    verbose = run_inspect(tmp_path / "c.yml", "--verbose")
+    verbose = mergekit_nan_inspect(tmp_path / "c.yml", "--verbose")
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr

@@ -1,7 +1,5 @@
 """LoRA adapters: merged through --lora-merge-cache with nan_* methods; norms from the Gram route."""
 
-import os
-
 import pytest
 import torch
 from checkpoints import TINY_LLAMA, load, make_family
@@ -82,9 +80,8 @@ def test_adapters_merge_through_the_lora_cache(adapters, tmp_path, method):
 
 def test_inspect_takes_adapter_norms_from_the_adapter_files(adapters, tmp_path):
     import json
-    import subprocess
 
-    from merging import BIN
+    from merging import mergekit_nan_inspect
 
     from mergekit_nan.yaml_run import write_config
 
@@ -98,18 +95,8 @@ def test_inspect_takes_adapter_norms_from_the_adapter_files(adapters, tmp_path):
     merge = mergekit_yaml(config, str(tmp_path / "merged"), "--lora-merge-cache", str(tmp_path / "merge-cache"))
     assert merge.returncode == 0, merge.stderr[-2000:]
     cache = tmp_path / "inspect-cache"
-    run = subprocess.run(
-        [
-            os.path.join(BIN, "mergekit-nan"),
-            "inspect",
-            str(write_config(tmp_path / "c.yml", config)),
-            "--out",
-            str(tmp_path / "inspect"),
-            "--lora-merge-cache",
-            str(cache),
-        ],
-        capture_output=True,
-        text=True,
+    run = mergekit_nan_inspect(
+        write_config(tmp_path / "c.yml", config), "--out", tmp_path / "inspect", "--lora-merge-cache", cache
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert not cache.exists() or not any(cache.iterdir())  # no adapter was merged into a full model

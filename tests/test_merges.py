@@ -10,20 +10,19 @@ must also equal base + lambda * sum w_i delta_i written out by hand.
 import json
 import math
 import os
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from checkpoints import load, make_family
 from merging import (
-    BIN,
     DTYPES,
     METHODS,
     PRIORS,
     SEED,
     TOLERANCE,
     default_temperature,
+    mergekit_nan_inspect,
     mergekit_yaml,
     nan_config,
     per_tensor_weight_config,
@@ -152,11 +151,7 @@ def test_unset_temperature_is_the_methods_default(tmp_path, method):
 
     inspected = tmp_path / "inspect"
     config_file = write_config(tmp_path / "c.yml", config)
-    look = subprocess.run(
-        [os.path.join(BIN, "mergekit-nan"), "inspect", str(config_file), "--out", str(inspected)],
-        capture_output=True,
-        text=True,
-    )
+    look = mergekit_nan_inspect(config_file, "--out", inspected)
     assert look.returncode == 0, look.stderr[-2000:]
     with open(inspected / "coefficients.json", encoding="utf-8") as handle:
         assert json.load(handle) == record
