@@ -3,9 +3,14 @@ candidate results of both quality benchmarks, and write the table it decides fro
 
     python select_weighting.py [--minilm quality/results/candidates/*/results.json]
                                [--smollm2 quality_llm/results/candidates/results.json] [--out candidates.md]
+                               [--readme ../README.md [--check]]
 
 The runs on the confirmation seeds (`results/confirmation/` of each benchmark) are shown after the pick, with
 the same cells and the same "safe" test; they take no part in it.
+
+With `--readme`, the two "When NAN helps" tables of the repository README (the paper's T=1 and each method's
+pick, seed 0 and confirmation seeds) are rewritten between their `<!-- select_weighting:... -->` markers, in
+the README's units (SmolLM2 loss not flipped: negative = better); `--check` only says whether they are current.
 
 Each option takes zero or more results.json (a regime's run each, or one run of several regimes); the
 defaults are every candidate run committed under the two benchmarks.
@@ -22,6 +27,8 @@ import argparse
 import json
 import re
 from pathlib import Path
+
+from mergekit_nan.core.parameters import shared_default
 
 HERE = Path(__file__).resolve().parent
 MINILM_GRID_ROW = "task_arithmetic, λ from val grid"
@@ -166,6 +173,91 @@ def confirmation(cells: dict, picks: dict) -> list[str]:
     return lines + [""]
 
 
+README_METHOD = {
+    "task_arithmetic": "`task_arithmetic` (MiniLM weight 0.3, SmolLM2 λ = 1)",
+    TUNED: "`task_arithmetic`, λ tuned on validation",
+    "ties": "`ties`",
+    "dare_ties": "`dare_ties`",
+}
+README_REGIMES = ["epochs", "steps", "intensity"]
+README_MARKER = re.compile(r"(<!-- select_weighting:(\w+) -->\n).*?(<!-- /select_weighting -->)", re.S)
+
+
+def readme_setting(label: str) -> str:
+    """`T=4` -> `temperature: 4`, `weighting=shrink_median` -> `weighting: shrink_median`."""
+    key, value = label.split("=", 1)
+    return f"`{'temperature' if key == 'T' else key}: {value}`"
+
+
+def readme_cell(row: dict, case: str) -> str:
+    """One README cell: candidate - stock [CI], bold when measurably better, italic when measurably worse; for
+    SmolLM2 the loss in nats/token (negative = better) then the arithmetic exact match."""
+
+    def marked(text: str, lo_hi: tuple) -> str:
+        return f"**{text}**" if lo_hi[0] > 0 else f"*{text}*" if lo_hi[1] < 0 else text
+
+    if case.startswith("MiniLM"):
+        if case not in row:
+            return ""
+        mean, lo, hi = row[case]
+        return marked(f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]", (lo, hi))
+    if f"{case} loss" not in row:
+        return ""
+    mean, lo, hi = row[f"{case} loss"]  # flipped: positive = lower loss
+    loss = marked(f"{-mean:+.3f} [{-hi:+.3f}, {-lo:+.3f}]", (lo, hi))
+    mean, lo, hi = row[f"{case} EM arith"]
+    return f"{loss}; EM {marked(f'{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]', (lo, hi))}"
+
+
+def readme_table(cells: dict, decisions: dict, cases: list[str], titles: list[str], notes: bool) -> str:
+    """The paper's T=1 and the pick of each method over `cases`; `notes` marks the pick and the plugin default."""
+    lines = [
+        "| wrapped method | setting | " + " | ".join(titles) + " |",
+        "|---|---|" + "---|" * len(cases),
+    ]
+    for method in METHOD_ORDER:
+        pick = decisions[method]["pick"]
+        wrapped = "task_arithmetic" if method == TUNED else method
+        default = f"T={shared_default('temperature', wrapped):g}"
+        labels = ["T=1"] + ([pick] if pick and pick != "T=1" else [])
+        for i, label in enumerate(labels):
+            setting = readme_setting(label)
+            if notes:
+                tags = (["paper"] if label == "T=1" else []) + (["pick"] if label == pick else [])
+                tags += ["**default**"] if label == default else []
+                setting += f" ({', '.join(tags)})"
+            row = cells.get((method, label), {})
+            shown_cells = " | ".join(readme_cell(row, case) for case in cases)
+            lines.append(f"| {README_METHOD[method] if i == 0 else ''} | {setting} | {shown_cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def readme_tables(cells: dict, confirm: dict, decisions: dict) -> dict:
+    """{marker name: table} for the README: seed 0 of the six cases, then every confirmation set run."""
+    seed0 = [f"{family} {regime}" for family in ("MiniLM", "SmolLM2") for regime in README_REGIMES]
+    sets = {c.removesuffix(" loss") for v in confirm.values() for c in v if " EM " not in c}
+    order = {regime: i for i, regime in enumerate(README_REGIMES)}
+    confirmed = sorted(sets, key=lambda c: (not c.startswith("MiniLM"), order[c.split()[1]], c))
+    return {
+        "picks": readme_table(cells, decisions, seed0, [f"{c.split()[0]} `{c.split()[1]}`" for c in seed0], True),
+        "confirmation": readme_table(
+            confirm,
+            decisions,
+            confirmed,
+            [f"{c.split()[0]} `{c.split()[1]}` seed {c.split()[-1]}" for c in confirmed],
+            False,
+        ),
+    }
+
+
+def rewrite_readme(text: str, tables: dict) -> str:
+    """`text` with each marked table replaced; a marker with no table, or a table with no marker, is an error."""
+    found = [m.group(2) for m in README_MARKER.finditer(text)]
+    if sorted(found) != sorted(tables):
+        raise SystemExit(f"README markers {found} do not match the tables {sorted(tables)}")
+    return README_MARKER.sub(lambda m: m.group(1) + tables[m.group(2)] + m.group(3), text)
+
+
 def read_cells(minilm: list[Path], smollm2: list[Path]) -> tuple[dict, list[str]]:
     """The cells of every results.json given, and the files they came from."""
     cells: dict = {}
@@ -196,6 +288,8 @@ def main(argv=None):
         "--confirm-smollm2", type=Path, nargs="*", default=committed(HERE / "quality_llm" / "results" / "confirmation")
     )
     ap.add_argument("--out", type=Path, default=HERE / "candidates.md")
+    ap.add_argument("--readme", type=Path, help="rewrite this README's When NAN helps tables")
+    ap.add_argument("--check", action="store_true", help="with --readme: exit 1 if its tables are not current")
     args = ap.parse_args(argv)
     cells, sources = read_cells(args.minilm, args.smollm2)
     decisions = decide(cells)
@@ -210,6 +304,17 @@ def main(argv=None):
     ] + table(cells, decisions)
     if confirm:
         lines += confirmation(confirm, decisions) + [f"(from {', '.join(confirm_sources)})", ""]
+    if args.readme:
+        text = args.readme.read_text()
+        new = rewrite_readme(text, readme_tables(cells, confirm, decisions))
+        if args.check:
+            if new != text:
+                raise SystemExit(
+                    f"{args.readme}: the When NAN helps tables are not current; "
+                    f"run python benchmarks/select_weighting.py --readme {args.readme}"
+                )
+            return decisions
+        args.readme.write_text(new)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return decisions
