@@ -101,8 +101,12 @@ def case_order(cells: dict) -> list[str]:
     return sorted({c for v in cells.values() for c in v}, key=lambda c: (not c.startswith("MiniLM"), c))
 
 
+def interval(mean: float, lo: float, hi: float, digits: int = 2) -> str:
+    return f"{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
 def shown(row: dict, cases: list[str]) -> str:
-    return " | ".join(f"{row[c][0]:+.2f} [{row[c][1]:+.2f}, {row[c][2]:+.2f}]" if c in row else "" for c in cases)
+    return " | ".join(interval(*row[c]) if c in row else "" for c in cases)
 
 
 def decide(cells: dict) -> dict:
@@ -200,19 +204,25 @@ def readme_cell(row: dict, case: str) -> str:
         if case not in row:
             return ""
         mean, lo, hi = row[case]
-        return marked(f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]", (lo, hi))
+        return marked(interval(mean, lo, hi), (lo, hi))
     if f"{case} loss" not in row:
         return ""
     mean, lo, hi = row[f"{case} loss"]  # flipped: positive = lower loss
-    loss = marked(f"{-mean:+.3f} [{-hi:+.3f}, {-lo:+.3f}]", (lo, hi))
+    loss = marked(interval(-mean, -hi, -lo, digits=3), (lo, hi))
     mean, lo, hi = row[f"{case} EM arith"]
-    return f"{loss}; EM {marked(f'{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]', (lo, hi))}"
+    return f"{loss}; EM {marked(interval(mean, lo, hi), (lo, hi))}"
 
 
-def readme_table(cells: dict, decisions: dict, cases: list[str], titles: list[str], notes: bool) -> str:
+def readme_title(case: str) -> str:
+    """`SmolLM2 epochs seed 1` -> SmolLM2 `epochs` seed 1."""
+    family, regime, *seed = case.split(" ", 2)
+    return f"{family} `{regime}`" + "".join(f" {s}" for s in seed)
+
+
+def readme_table(cells: dict, decisions: dict, cases: list[str], notes: bool) -> str:
     """The paper's T=1 and the pick of each method over `cases`; `notes` marks the pick and the plugin default."""
     lines = [
-        "| wrapped method | setting | " + " | ".join(titles) + " |",
+        "| wrapped method | setting | " + " | ".join(map(readme_title, cases)) + " |",
         "|---|---|" + "---|" * len(cases),
     ]
     for method in METHOD_ORDER:
@@ -239,14 +249,8 @@ def readme_tables(cells: dict, confirm: dict, decisions: dict) -> dict:
     order = {regime: i for i, regime in enumerate(README_REGIMES)}
     confirmed = sorted(sets, key=lambda c: (not c.startswith("MiniLM"), order[c.split()[1]], c))
     return {
-        "picks": readme_table(cells, decisions, seed0, [f"{c.split()[0]} `{c.split()[1]}`" for c in seed0], True),
-        "confirmation": readme_table(
-            confirm,
-            decisions,
-            confirmed,
-            [f"{c.split()[0]} `{c.split()[1]}` seed {c.split()[-1]}" for c in confirmed],
-            False,
-        ),
+        "picks": readme_table(cells, decisions, seed0, notes=True),
+        "confirmation": readme_table(confirm, decisions, confirmed, notes=False),
     }
 
 
