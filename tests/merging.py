@@ -8,8 +8,10 @@ import subprocess
 import sys
 from typing import Dict, List, Sequence
 
+import jsonschema
 import torch
 
+from mergekit_nan.core.record import RECORD_FILENAME, record_schema
 from mergekit_nan.yaml_run import run_mergekit_yaml
 
 BIN = os.path.dirname(sys.executable)
@@ -116,9 +118,40 @@ def per_tensor_weight_config(config: dict, weights: Dict[str, List[float]], meth
     return stock
 
 
+# What `mergekit-nan inspect --out DIR` calls the record it writes into DIR.
+INSPECT_RECORD_FILENAME = "coefficients.json"
+RECORD_VALIDATOR = jsonschema.Draft202012Validator(record_schema())
+COLUMNS = ("norms", "coefficients", "priors", "weights")
+
+
+def validate_record(document: dict) -> None:
+    """Raise jsonschema.ValidationError unless `document` follows the record's schema and,
+    what a schema cannot say, every column of every tensor has one entry per model, null
+    for the same models."""
+    RECORD_VALIDATOR.validate(document)
+    width = len(document["models"])
+    for tensor in document["tensors"]:
+        absent = [[value is None for value in tensor[column]] for column in COLUMNS]
+        if any(len(row) != width for row in absent) or any(row != absent[0] for row in absent):
+            raise jsonschema.ValidationError(
+                f"tensor {tensor['name']}: its columns need {width} entries each (one per model), null in the same places"
+            )
+
+
+def load_record(path) -> dict:
+    """Read a coefficient record file and fail, naming the file, unless it validates."""
+    with open(path, encoding="utf-8") as handle:
+        document = json.load(handle)
+    try:
+        validate_record(document)
+    except jsonschema.ValidationError as error:
+        raise AssertionError(f"{path} breaks the record schema at {error.json_path}: {error.message}") from None
+    return document
+
+
 def read_record(out: str) -> dict:
-    with open(os.path.join(out, "nan_coefficients.json"), encoding="utf-8") as handle:
-        return json.load(handle)
+    """The record a merge into `out` wrote, validated."""
+    return load_record(os.path.join(out, RECORD_FILENAME))
 
 
 def reference_group_weights(base, tuned, priors, temperature, group_of, norm_of="delta"):

@@ -6,7 +6,6 @@ mergekit 0.1.4 the per-expert ones. Either way a block's norm must cover every s
 tensor of the block (fused or not, the Frobenius norm is the same).
 """
 
-import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from checkpoints import load
-from merging import mergekit_nan_inspect, mergekit_yaml, nan_config, per_tensor_weight_config, read_record
+from merging import (
+    load_record,
+    mergekit_nan_inspect,
+    mergekit_yaml,
+    nan_config,
+    per_tensor_weight_config,
+    read_record,
+)
 from moe_families import moe_family
 from safetensors.torch import load_file, save_file
 
@@ -102,8 +108,7 @@ def test_block_norms_cover_the_experts_and_the_merge_is_stock_ties(runs, arch, g
         torch.testing.assert_close(merged[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
 
     assert inspect.returncode == 0, inspect.stderr[-2000:]
-    with open(os.path.join(out + "-inspect", "coefficients.json"), encoding="utf-8") as handle:
-        inspected = json.load(handle)
+    inspected = load_record(os.path.join(out + "-inspect", "coefficients.json"))
     # inspect's numbers are the merge's, bit for bit; the order of the tensors is mergekit's
     # schedule, which for the converted expert tensors differs between the two task graphs
     assert {**inspected, "tensors": None} == {**record, "tensors": None}

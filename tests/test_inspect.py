@@ -1,13 +1,12 @@
 """`mergekit-nan inspect` shows exactly the numbers a real merge uses, and writes nothing model-like."""
 
 import csv
-import json
 import os
 
 import pytest
 import yaml
 from checkpoints import make_family
-from merging import mergekit_nan_inspect, mergekit_yaml, nan_config, read_record
+from merging import load_record, mergekit_nan_inspect, mergekit_yaml, nan_config, read_record
 
 from mergekit_nan.yaml_run import write_config
 
@@ -23,8 +22,7 @@ def test_inspect_equals_the_merge_record(tmp_path):
     out = tmp_path / "inspect"
     run = mergekit_nan_inspect(write_config(tmp_path / "c.yml", config), "--out", out)
     assert run.returncode == 0, run.stderr[-2000:]
-    with open(out / "coefficients.json", encoding="utf-8") as handle:
-        inspected = json.load(handle)
+    inspected = load_record(out / "coefficients.json")
     assert inspected == read_record(str(tmp_path / "merged"))  # every float, bit for bit
     assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from checkpoints import TINY_LLAMA, load, make_family
-from merging import default_temperature, mergekit_yaml, read_record
+from merging import default_temperature, load_record, mergekit_yaml, read_record
 
 
 def make_adapter(base_path, out, seed, scale, targets, rank=4, alpha=8, rslora=False):
@@ -79,8 +79,6 @@ def test_adapters_merge_through_the_lora_cache(adapters, tmp_path, method):
 
 
 def test_inspect_takes_adapter_norms_from_the_adapter_files(adapters, tmp_path):
-    import json
-
     from merging import mergekit_nan_inspect
 
     from mergekit_nan.yaml_run import write_config
@@ -100,7 +98,7 @@ def test_inspect_takes_adapter_norms_from_the_adapter_files(adapters, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert not cache.exists() or not any(cache.iterdir())  # no adapter was merged into a full model
-    inspected = json.loads((tmp_path / "inspect" / "coefficients.json").read_text())
+    inspected = load_record(tmp_path / "inspect" / "coefficients.json")
     merged = read_record(str(tmp_path / "merged"))
     assert [t["name"] for t in inspected["tensors"]] == [t["name"] for t in merged["tensors"]]
     for a, b in zip(inspected["tensors"], merged["tensors"]):

@@ -7,7 +7,6 @@ that an independent float64 computation of NAN prescribes; `nan_task_arithmetic`
 must also equal base + lambda * sum w_i delta_i written out by hand.
 """
 
-import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from merging import (
     SEED,
     TOLERANCE,
     default_temperature,
+    load_record,
     mergekit_nan_inspect,
     mergekit_yaml,
     nan_config,
@@ -153,5 +153,4 @@ def test_unset_temperature_is_the_methods_default(tmp_path, method):
     config_file = write_config(tmp_path / "c.yml", config)
     look = mergekit_nan_inspect(config_file, "--out", inspected)
     assert look.returncode == 0, look.stderr[-2000:]
-    with open(inspected / "coefficients.json", encoding="utf-8") as handle:
-        assert json.load(handle) == record
+    assert load_record(inspected / "coefficients.json") == record

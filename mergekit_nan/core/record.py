@@ -8,6 +8,7 @@ Pure Python.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
 import os
@@ -19,6 +20,8 @@ from mergekit_nan.core.coefficients import PAPER_URL
 
 RECORD_FILENAME = "nan_coefficients.json"
 RECORD_FORMAT = "mergekit-nan/coefficients/1"
+# The JSON Schema (draft 2020-12) of RECORD_FORMAT, shipped inside the package: mergekit_nan/<this>.
+SCHEMA_PATH = "schema/nan_coefficients-1.json"
 
 # Regime hints (see `hints`): a coefficient within 10% of an equal share is "uniform";
 # one below a quarter of an equal share is "small"; "almost all" is 90% of tensors.
@@ -78,6 +81,15 @@ def to_json(records: List[TensorRecord]) -> Dict[str, Any]:
         "parameters": common,
         "tensors": tensors,
     }
+
+
+def record_schema() -> Dict[str, Any]:
+    """The JSON Schema of a record document, read from the installed package (validating
+    with it needs `jsonschema`, which mergekit-nan itself does not use)."""
+    resource = importlib.resources.files("mergekit_nan")
+    for part in SCHEMA_PATH.split("/"):  # one at a time: Python 3.10's joinpath takes one
+        resource = resource.joinpath(part)
+    return json.loads(resource.read_text(encoding="utf-8"))
 
 
 def write(document: Dict[str, Any], path: str) -> str:
