@@ -17,7 +17,8 @@ from mergekit_nan.core.coefficients import inverse_norm_softmax, nan_weights
 from mergekit_nan.core.record import RECORD_FILENAME
 from mergekit_nan.core.session import recording
 
-__version__ = "0.2.0"
+# The one version string: the build reads it (pyproject [tool.hatch.version]); CHANGELOG.md's top entry matches.
+__version__ = "0.3.0"
 
 __all__ = [
     "RECORD_FILENAME",
