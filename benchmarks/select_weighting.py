@@ -387,6 +387,11 @@ def which_table(everything: dict) -> str:
         "not known: read `inspect` first |"
     )
     lines.append(
+        "| `multislerp`, `nuslerp` (with a base model) | `nan_multislerp`, `nan_nuslerp` | `temperature: 1` | "
+        "not benchmarked; `base_model:` required, `nan_nuslerp` takes exactly two models | not known: read `inspect` "
+        "first |"
+    )
+    lines.append(
         "| `linear` (no base model) | `nan_linear` | `temperature: 1` | not benchmarked; weighs each model by the "
         "inverse norm of its own weights, which are nearly equal, so it stays close to the config's weights | — |"
     )

@@ -4,8 +4,10 @@ Installed beside site-packages' other modules and run at interpreter start by
 `mergekit_nan.pth` (or `mergekit_nan.start` on Python 3.15+). It uses only the
 standard library and imports nothing else at start-up: it puts a finder on
 sys.meta_path that waits for two mergekit modules, lets each load, then
-- after `mergekit.merge_methods.registry`: imports `mergekit_nan.adapters`, whose last
-  line registers the nan_* methods;
+- after `mergekit.merge_methods` (the package: by then every built-in method is in the
+  registry, 0.1.4's multislerp included, which registers itself after the registry
+  module has loaded): imports `mergekit_nan.adapters`, whose last line registers the
+  nan_* methods;
 - after `mergekit.merge`: calls `mergekit_nan.adapters.lifecycle.install(module)`, which
   wraps the merge pipeline (session, record, model card) before anyone binds its names.
 """
@@ -14,7 +16,7 @@ import sys
 
 # mergekit module -> (plugin module to import, function of it to call with the module)
 _TARGETS = {
-    "mergekit.merge_methods.registry": ("mergekit_nan.adapters", None),
+    "mergekit.merge_methods": ("mergekit_nan.adapters", None),
     "mergekit.merge": ("mergekit_nan.adapters.lifecycle", "install"),
 }
 

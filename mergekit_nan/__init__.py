@@ -2,7 +2,8 @@
 
 Importing this package registers `nan_task_arithmetic`, `nan_ties`, `nan_dare_ties`,
 `nan_dare_linear`, `nan_breadcrumbs`, `nan_breadcrumbs_ties`, `nan_della`,
-`nan_della_linear` and `nan_linear` with mergekit (0.1.4 or 0.1.5) and hooks the
+`nan_della_linear`, `nan_linear` and, where the installed mergekit has the stock
+methods, `nan_multislerp` and `nan_nuslerp` with mergekit (0.1.4 or 0.1.5) and hooks the
 record and model card into mergekit's merges. After `pip install`, plain
 `mergekit-yaml` finds them without this import (see `_mergekit_nan_hook`).
 

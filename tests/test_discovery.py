@@ -21,6 +21,8 @@ NAMES = [
     "nan_della",
     "nan_della_linear",
     "nan_linear",
+    "nan_multislerp",  # both installed generations (index 0.1.4, 0.1.5) have the slerp family
+    "nan_nuslerp",
 ]
 WITHOUT_HOOK = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != '_TargetFinder']\n"
 CHECK = f"""

@@ -28,10 +28,10 @@ def test_config_is_valid(path):
 
 
 def test_one_config_per_method():
-    from mergekit_nan.adapters import WRAPPED_METHODS
+    from mergekit_nan.adapters import SLERP_METHODS, WRAPPED_METHODS
 
     names = {os.path.basename(p)[:-4] for p in CONFIGS}
-    assert {f"nan_{m}" for m in WRAPPED_METHODS} | {"nan_linear"} <= names
+    assert {f"nan_{m}" for m in WRAPPED_METHODS + SLERP_METHODS} | {"nan_linear"} <= names
 
 
 def test_the_readme_names_what_the_demo_writes_and_writes_only_ignored_paths():

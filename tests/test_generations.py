@@ -29,6 +29,8 @@ def mergekit_version(python):
         ("nan_ties", {"temperature": 0.7, "lambda": 1}, {"density": 0.6}),
         ("nan_task_arithmetic", {"granularity": "layer"}, {}),
         ("nan_linear", {}, {}),
+        ("nan_multislerp", {"normalize_weights": False}, {}),
+        ("nan_nuslerp", {"nuslerp_flatten": False}, {}),
     ],
 )
 def test_same_record_under_both_generations(tmp_path, method, shared, per_model):
@@ -42,6 +44,8 @@ def test_same_record_under_both_generations(tmp_path, method, shared, per_model)
             "models": [{"model": p, "parameters": {"weight": w}} for p, w in zip(paths, [1, 2, 1])],
             "dtype": "float32",
         }
+    elif method == "nan_nuslerp":  # two models
+        config = nan_config(method, paths[:3], [1, 2], "float32", shared, per_model)
     else:
         config = nan_config(method, paths, [1, 2, 1], "float32", shared, per_model)
     here, there = str(tmp_path / "here"), str(tmp_path / "there")

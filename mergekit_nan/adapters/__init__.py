@@ -7,7 +7,7 @@ installed mergekit offers (not by its version string, since mergekit's git main 
   (mergekit 0.1.4 and its git main).
 
 The last line registers the NAN methods. The import hook imports this module when
-mergekit's registry has loaded; `import mergekit_nan` imports it too.
+mergekit's merge methods have loaded; `import mergekit_nan` imports it too.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ WRAPPED_METHODS = (
     "della",
     "della_linear",
 )
+# mergekit's slerp-family methods that take a weight per model, where the installed mergekit
+# has them. They are handed every model (weight 0 for one NAN leaves out): nuslerp takes
+# exactly two, and multislerp returns a lone model as it is, not as base plus its delta.
+SLERP_METHODS = ("multislerp", "nuslerp")
 
 
 def generation():
@@ -43,7 +47,7 @@ def generation():
 
 def register_methods() -> None:
     """Register every nan_* method with mergekit; calling it again changes nothing."""
-    generation().register(WRAPPED_METHODS)
+    generation().register(WRAPPED_METHODS, SLERP_METHODS)
 
 
 def registered_names() -> list:

@@ -36,6 +36,7 @@ from mergekit_nan.core.parameters import (
     ParameterSite,
     base_model_needed,
     check_config,
+    check_model_count,
 )
 from mergekit_nan.core.record import RECORD_FILENAME, card_section, to_json, write
 from mergekit_nan.core.session import MergeSession, current, opened
@@ -184,6 +185,7 @@ def check_merge_config(merge_config) -> bool:
     linear = method == "nan_linear"
     if not linear and merge_config.base_model is None:
         raise NanConfigError(base_model_needed(method))
+    check_model_count(method, model_groups(merge_config))
     sites = parameter_sites(merge_config)
     shared = LINEAR_SHARED if linear else tuple(SHARED)
     for warning in check_config(method, generation().parameter_names(method), sites, shared):
@@ -225,6 +227,24 @@ def parameter_sites(merge_config) -> List[ParameterSite]:
                         )
                     )
     return sites
+
+
+def model_groups(merge_config) -> List[tuple]:
+    """(label, the models besides the base) for each set of models merged together: the
+    top-level `models:`, each module's, and each slice's sources."""
+    base = merge_config.base_model
+    groups = []
+    containers = [("", merge_config)] + [
+        (f"module {name} ", module) for name, module in (merge_config.modules or {}).items()
+    ]
+    for prefix, container in containers:
+        if getattr(container, "models", None):
+            groups.append((f"{prefix}`models:`", [m.model for m in container.models if m.model != base]))
+        for index, output_slice in enumerate(container.slices or ()):
+            slice_base = output_slice.base_model or base
+            sources = [s.model for s in output_slice.sources if s.model != slice_base]
+            groups.append((f"{prefix}slice {index}", sources))
+    return groups
 
 
 def _dumped(value):

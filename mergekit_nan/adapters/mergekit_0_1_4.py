@@ -43,6 +43,7 @@ class NanTask(Task[torch.Tensor]):
     method: str
     wrapped_method: str
     linear: bool
+    sees_every_model: bool  # hand the inner task every model, weight 0 for those NAN leaves out
     inner: Task
     weight_info: WeightInfo
     base_model: Optional[ModelReference]
@@ -111,11 +112,12 @@ class NanTask(Task[torch.Tensor]):
             )
             if weighing.skip_merge:
                 return base
-        # The wrapped task sees the models that take part, in mergekit's own order.
-        keep = {m: t for m, t in tensors.items() if m == self.base_model or m in weighing.weights}
+        # The wrapped task sees the models that take part (or every model), in mergekit's own order.
+        weights = weighing.every_weight if self.sees_every_model else weighing.weights
+        keep = {m: t for m, t in tensors.items() if m == self.base_model or m in weights}
         weighted = {
-            m: ImmutableMap(data={**dict(parameters[m].items()), "weight": weighing.weights[m]})
-            if m in weighing.weights
+            m: ImmutableMap(data={**dict(parameters[m].items()), "weight": weights[m]})
+            if m in weights
             else parameters[m]
             for m in keep
             if m in parameters.data
@@ -127,9 +129,10 @@ class NanTask(Task[torch.Tensor]):
 class NanMethod(MergeMethod):
     """`nan_<wrapped>`: the wrapped method, with NAN choosing each model's weight."""
 
-    def __init__(self, wrapped: MergeMethod, linear: bool = False):
+    def __init__(self, wrapped: MergeMethod, linear: bool = False, sees_every_model: bool = False):
         self.wrapped = wrapped
         self.linear = linear
+        self.sees_every_model = sees_every_model
         self.nan_shared = nan_parameters.LINEAR_SHARED if linear else tuple(nan_parameters.SHARED)
 
     def name(self) -> str:
@@ -175,6 +178,7 @@ class NanMethod(MergeMethod):
             method=self.name(),
             wrapped_method=self.wrapped.name(),
             linear=self.linear,
+            sees_every_model=self.sees_every_model,
             inner=inner,
             weight_info=output_weight,
             base_model=base_model,
@@ -211,12 +215,16 @@ def accept_string_parameters() -> None:
     config.MergeConfiguration._mergekit_nan_strings = True
 
 
-def register(wrapped_names: Sequence[str]) -> None:
-    """Register nan_<name> for each task-vector method and nan_linear; idempotent."""
+def register(wrapped_names: Sequence[str], slerp_names: Sequence[str] = ()) -> None:
+    """Register nan_<name> for each task-vector method, each slerp-family method this
+    mergekit has, and nan_linear; idempotent."""
     accept_string_parameters()
     methods = registry.REGISTERED_MERGE_METHODS
     for name in wrapped_names:
         methods.setdefault(f"nan_{name}", NanMethod(methods[name]))
+    for name in slerp_names:
+        if name in methods:
+            methods.setdefault(f"nan_{name}", NanMethod(methods[name], sees_every_model=True))
     methods.setdefault("nan_linear", NanMethod(methods["linear"], linear=True))
 
 

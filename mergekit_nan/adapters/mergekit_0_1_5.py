@@ -69,10 +69,13 @@ def _shared_values(parameters: dict) -> tuple:
 
 
 class NanTaskVectorMethod(GroupMergeMethod):
-    """`nan_<wrapped>` for a task-vector method: NAN chooses each model's weight."""
+    """`nan_<wrapped>` for a task-vector method: NAN chooses each model's weight.
+    With `sees_every_model` the wrapped method gets every model, weight 0 for those NAN
+    leaves out; otherwise only the models that take part."""
 
-    def __init__(self, wrapped: GroupMergeMethod):
+    def __init__(self, wrapped: GroupMergeMethod, sees_every_model: bool = False):
         self.wrapped = wrapped
+        self.sees_every_model = sees_every_model
         self.spec = _nan_spec(wrapped.spec, tuple(nan_parameters.SHARED))
 
     def validate_inputs(
@@ -116,8 +119,9 @@ class NanTaskVectorMethod(GroupMergeMethod):
         )
         if weighing.skip_merge:
             return base.tensor
-        taking = tuple(entry for entry in tuned if entry.id in weighing.weights)
-        parameters["weight"] = PerInputValues([(entry.id, weighing.weights[entry.id]) for entry in taking])
+        weights = weighing.every_weight if self.sees_every_model else weighing.weights
+        taking = tuple(entry for entry in tuned if entry.id in weights)
+        parameters["weight"] = PerInputValues([(entry.id, weights[entry.id]) for entry in taking])
         return self.wrapped.merge_group(replace(group, entries=(base, *taking)), **parameters)
 
 
@@ -153,12 +157,16 @@ class NanLinearMethod(GroupMergeMethod):
         return merged
 
 
-def register(wrapped_names: Sequence[str]) -> None:
-    """Register nan_<name> for each task-vector method and nan_linear; idempotent."""
+def register(wrapped_names: Sequence[str], slerp_names: Sequence[str] = ()) -> None:
+    """Register nan_<name> for each task-vector method, each slerp-family method this
+    mergekit has, and nan_linear; idempotent."""
     known = set(registered_names())
     for name in wrapped_names:
         if f"nan_{name}" not in known:
             registry.register(NanTaskVectorMethod(registry.get(name)))
+    for name in slerp_names:
+        if name in known and f"nan_{name}" not in known:
+            registry.register(NanTaskVectorMethod(registry.get(name), sees_every_model=True))
     if "nan_linear" not in known:
         registry.register(NanLinearMethod(registry.get("linear")))
 

@@ -205,6 +205,24 @@ def _unknown_key(method: str, key: str, where: str, known: Sequence[str]) -> str
     return f"{method}: parameter `{key}` in {where} is not a parameter of {method} and is ignored{hint}"
 
 
+# Methods that merge a fixed number of models besides the base (mergekit's nuslerp: two).
+EXACT_MODEL_COUNT = {"nan_nuslerp": 2}
+
+
+def check_model_count(method: str, groups: Sequence[tuple]) -> None:
+    """Raise, naming the method and where, unless each (label, models) group has the
+    number of models besides the base that `method` merges."""
+    wanted = EXACT_MODEL_COUNT.get(method)
+    if wanted is None:
+        return
+    for label, models in groups:
+        if len(models) != wanted:
+            listed = ", ".join(map(str, models)) or "none"
+            raise NanConfigError(
+                f"{method} merges exactly {wanted} models besides the base model; {label} has {len(models)} ({listed})"
+            )
+
+
 def base_model_needed(method: str) -> str:
     return (
         f"{method} needs `base_model:` in the config: NAN weighs each model by the norm "

@@ -29,10 +29,12 @@ class NonFiniteInput(ValueError):
 @dataclass(frozen=True)
 class Weighing:
     """NAN's choice for one tensor. `taking_part` are the models the wrapped method is
-    given (non-zero delta and weight > 0), `weights` their weights."""
+    given (non-zero delta and weight > 0), `weights` their weights; `every_weight` has
+    every model, 0 for those not taking part (for methods that must see every model)."""
 
     taking_part: Tuple[Hashable, ...]
     weights: Dict[Hashable, float]
+    every_weight: Dict[Hashable, float]
     record: TensorRecord
     dry_run: bool
 
@@ -158,6 +160,7 @@ def _decided(record, ids, participating, weights, session) -> Weighing:
     return Weighing(
         taking_part=taking,
         weights={m: w for m, w in zip(ids, weights) if m in taking},
+        every_weight={m: (w if m in taking else 0.0) for m, w in zip(ids, weights)},
         record=record,
         dry_run=session is not None and session.dry_run,
     )
