@@ -63,12 +63,15 @@ def config_errors() -> tuple:
 @click.argument("config_file")
 @click.option("--out", default=None, help="write coefficients.json/.csv (and a heatmap) into this folder")
 @click.option("--verbose", is_flag=True, help="on a config error, show the full traceback")
+@click.option("--per-tensor", is_flag=True, help="also write every tensor's shares into shares.json/.csv")
 @add_merge_options
-def inspect(merge_options: MergeOptions, config_file: str, out, verbose: bool):
-    """Show the norms and coefficients a merge of CONFIG_FILE would use, without merging."""
+def inspect(merge_options: MergeOptions, config_file: str, out, verbose: bool, per_tensor: bool):
+    """Show the norms and coefficients a merge of CONFIG_FILE would use, and what they do to
+    it against the stock weights, without merging. CONFIG_FILE may name a nan_* method or
+    the stock method it wraps."""
     from mergekit.config import MergeConfiguration
 
-    from mergekit_nan.inspect import inspect_config, summary_text, write_outputs
+    from mergekit_nan.inspect import inspect_merge, shares_text, summary_text, write_outputs
 
     merge_options.apply_global_options()
     try:
@@ -78,14 +81,15 @@ def inspect(merge_options: MergeOptions, config_file: str, out, verbose: bool):
         except OSError as error:
             raise click.ClickException(f"cannot read {config_file}: {error.strerror or error}") from error
         merge_config = MergeConfiguration.model_validate(raw)
-        document = inspect_config(merge_config, merge_options)
+        inspection = inspect_merge(merge_config, merge_options, per_tensor=per_tensor)
     except config_errors() as error:
         if verbose:
             raise
         raise click.ClickException(f"{one_line(error, config_file)} (--verbose shows the traceback)") from error
-    click.echo(summary_text(document))
+    click.echo(summary_text(inspection.document))
+    click.echo(shares_text(inspection))
     if out:
-        for path in write_outputs(document, out):
+        for path in write_outputs(inspection, out):
             click.echo(f"wrote {path}")
     else:
-        click.echo("\n(pass --out DIR to save coefficients.json, coefficients.csv and a heatmap)")
+        click.echo("\n(pass --out DIR to save coefficients.json/.csv, shares.json/.csv and their plots)")

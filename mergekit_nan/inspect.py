@@ -11,27 +11,49 @@ tensors.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from mergekit_nan.adapters import generation
 from mergekit_nan.adapters.lifecycle import check_merge_config, config_model_order, nan_method
 from mergekit_nan.adapters.mergekit_io import adapters_on_base, run_tensor_tasks
 from mergekit_nan.core import record
 from mergekit_nan.core.parameters import NanConfigError
 from mergekit_nan.core.session import MergeSession, opened
+from mergekit_nan.core.shares import SETTINGS, reading, report
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
-def inspect_config(merge_config, options) -> Dict[str, Any]:
-    """Return the coefficient record (as in nan_coefficients.json) for `merge_config`.
+@dataclass
+class Inspection:
+    """What `inspect` found: the coefficient record, and what the weights do to the merge
+    (`core.shares.report`, stock weights against NAN's; None for a method outside the
+    task-arithmetic family). `stock_config`: the config named the stock method."""
 
-    Fails where the merge would: the same config check, the same planning, the same
-    per-tensor NAN code (only the wrapped arithmetic is skipped).
-    """
-    if nan_method(merge_config) is None:
-        raise NanConfigError(f"inspect needs a nan_* merge method, not {merge_config.merge_method!r}")
+    document: Dict[str, Any]
+    shares: Optional[Dict[str, Any]]
+    stock_method: str
+    nan_method: str
+    stock_config: bool
+
+
+def inspect_merge(merge_config, options, per_tensor: bool = False) -> Inspection:
+    """Inspect a config of a nan_* method, or of a stock method NAN wraps (inspected as its
+    nan_ version). Fails where the merge would: the same config check, the same planning,
+    the same per-tensor NAN code (only the wrapped arithmetic is skipped)."""
+    stock_config = nan_method(merge_config) is None
+    if stock_config:
+        wrapped = f"nan_{merge_config.merge_method}"
+        if wrapped not in generation().registered_names():
+            raise NanConfigError(
+                f"inspect needs a nan_* merge method or a stock method that one wraps, not "
+                f"{merge_config.merge_method!r}"
+            )
+        merge_config = merge_config.model_copy(update={"merge_method": wrapped})
     check_merge_config(merge_config)
     from mergekit.io.tasks import LoaderCache
 
@@ -40,10 +62,24 @@ def inspect_config(merge_config, options) -> Dict[str, Any]:
         dry_run=True,
         adapter_norms=adapters_on_base(merge_config),  # before planning touches any loader
         model_order=config_model_order(merge_config),
+        measure_shares=True,
     )
     with opened(session):
         run_tensor_tasks(merge_config, options)
-    return record.to_json(session.records)
+    document = record.to_json(session.records)
+    shares = report(session.shares, document["models"], layer_of, per_tensor) if session.shares else None
+    return Inspection(
+        document=document,
+        shares=shares,
+        stock_method=merge_config.merge_method.removeprefix("nan_"),
+        nan_method=merge_config.merge_method,
+        stock_config=stock_config,
+    )
+
+
+def inspect_config(merge_config, options) -> Dict[str, Any]:
+    """The coefficient record (as in nan_coefficients.json) a merge of `merge_config` would write."""
+    return inspect_merge(merge_config, options).document
 
 
 def layer_of(name: str) -> str:
@@ -152,9 +188,11 @@ def summary_text(document: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(document: Dict[str, Any], out_dir: str) -> List[str]:
-    """coefficients.json, coefficients.csv and, with matplotlib, coefficients.png."""
+def write_outputs(inspection: Inspection, out_dir: str) -> List[str]:
+    """coefficients.json, coefficients.csv and, with matplotlib, coefficients.png; for the
+    task-arithmetic family also shares.json, shares.csv and shares.png."""
     os.makedirs(out_dir, exist_ok=True)
+    document = inspection.document
     written = []
     written.append(record.write(document, os.path.join(out_dir, "coefficients.json")))
     path = os.path.join(out_dir, "coefficients.csv")
@@ -166,7 +204,37 @@ def write_outputs(document: Dict[str, Any], out_dir: str) -> List[str]:
     heatmap = write_heatmap(document, os.path.join(out_dir, "coefficients.png"))
     if heatmap:
         written.append(heatmap)
+    for stale in ("shares.json", "shares.csv", "shares.png"):  # an earlier inspect's, of another config
+        path = os.path.join(out_dir, stale)
+        if os.path.exists(path):
+            os.remove(path)
+    if inspection.shares:
+        path = os.path.join(out_dir, "shares.json")
+        content = dict(inspection.shares, stock_method=inspection.stock_method, nan_method=inspection.nan_method)
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(content, handle, indent=1, allow_nan=False)
+            handle.write("\n")
+        written.append(path)
+        path = os.path.join(out_dir, "shares.csv")
+        with open(path, "w", encoding="utf-8", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=SHARE_COLUMNS)
+            writer.writeheader()
+            writer.writerows(share_rows(inspection.shares))
+        written.append(path)
+        plot = write_share_plot(inspection, os.path.join(out_dir, "shares.png"))
+        if plot:
+            written.append(plot)
     return written
+
+
+def _print_values(ax, grid, norm) -> None:
+    """Each cell's value in it (the callers do this while the cells are large enough)."""
+    for i, line in enumerate(grid):
+        for j, value in enumerate(line):
+            if value == value:  # not NaN
+                dark = abs(float(norm(value)) - 0.5) > 0.3  # white text on the deep colours
+                colour = "white" if dark else "black"
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color=colour)
 
 
 def write_heatmap(document: Dict[str, Any], path: str) -> Optional[str]:
@@ -232,24 +300,145 @@ def write_heatmap(document: Dict[str, Any], path: str) -> Optional[str]:
         ax.set_yticks(range(0, len(labels), step), labels[::step], fontsize=6 if name == "outside the layers" else 7)
         if name != "outside the layers":
             ax.set_ylabel("layer", fontsize=7)
-        if len(labels) <= 40 and len(models) <= 10:  # values in the cells while they fit
-            for i, line in enumerate(grid):
-                for j, value in enumerate(line):
-                    if value == value:  # not NaN
-                        dark = abs(float(norm(value)) - 0.5) > 0.3  # white text on the deep colours
-                        ax.text(
-                            j,
-                            i,
-                            f"{value:.2f}",
-                            ha="center",
-                            va="center",
-                            fontsize=6,
-                            color="white" if dark else "black",
-                        )
+        if len(labels) <= 40 and len(models) <= 10:
+            _print_values(ax, grid, norm)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     figure.colorbar(image, ax=axes, shrink=0.8, label=f"NAN coefficient (white: equal share 1/{len(models)})")
     figure.suptitle(f"{document['merge_method']}: mean NAN coefficient per tensor type and layer", fontsize=9)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def shares_text(inspection: Inspection) -> str:
+    """What the weights do, per model: the shares under the stock weights and NAN's, the
+    readings in words, and the pairwise cosine of the task vectors."""
+    shares = inspection.shares
+    if not shares:
+        return ""
+    whole, models = shares["whole_model"], shares["models"]
+    short = short_names(models)
+    width = max(5, *(len(n) for n in short.values()))
+    stock, nan = inspection.stock_method, inspection.nan_method
+    sampled = f", {whole['sampled_tensors']} of them sampled" if whole["sampled_tensors"] else ""
+    lines = [
+        "",
+        f"what the weights do to the merge, {stock} (the config's weights) against {nan} "
+        f"(over {whole['tensors']} tensors{sampled}):",
+        f"{'model':<{width}} {'delta share':>18} {'sign election':>18}",
+    ]
+
+    def pair(key, model):
+        figures = [whole[setting][model][key] for setting in SETTINGS]
+        if any(f is None or f["value"] is None for f in figures):
+            return f"{'-':>18}"
+        return f"{100 * figures[0]['value']:>7.1f}% -> {100 * figures[1]['value']:>5.1f}%"
+
+    for model in models:
+        lines.append(f"{short[model]:<{width}} {pair('delta_share', model)} {pair('sign_election_share', model)}")
+    lines.append("")
+    for model in models:
+        said = reading(whole, model, stock, nan)
+        if said:
+            lines.append(f"{short[model]}: {said}")
+    if whole["estimated"]:
+        lines.append(
+            f"({stock} draws a random mask: its shares are estimated with a mask of inspect's own, not the merge's)"
+        )
+    if whole["sampled_tensors"]:
+        lines.append("(± : 95% interval from the sampled coordinates of large tensors)")
+    lines += ["", "cosine of the task vectors:", " " * width + " " + " ".join(f"{short[m]:>{width}}" for m in models)]
+    for a in models:
+        cells = [whole["cosine"][a][b] for b in models]
+        lines.append(
+            f"{short[a]:<{width}} "
+            + " ".join(f"{c:>{width}.3f}" if c is not None else f"{'-':>{width}}" for c in cells)
+        )
+    return "\n".join(lines)
+
+
+SHARE_COLUMNS = [
+    "scope",
+    "key",
+    "setting",
+    "model",
+    "delta_share",
+    "delta_share_stderr",
+    "sign_election_share",
+    "sign_election_share_stderr",
+]
+
+
+def share_rows(shares: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One row per scope (whole model, layer, tensor), setting and model: the CSV's content."""
+    scopes = [("model", "all", shares["whole_model"])]
+    scopes += [("layer", k, v) for k, v in sorted(shares["layers"].items(), key=lambda kv: _layer_order(kv[0]))]
+    scopes += [("tensor", k, v) for k, v in shares.get("tensors", {}).items()]
+    out = []
+    for scope, key, summary in scopes:
+        for setting in SETTINGS:
+            for model in shares["models"]:
+                figures = summary[setting][model]
+                row = {"scope": scope, "key": key, "setting": setting, "model": model}
+                for name in ("delta_share", "sign_election_share"):
+                    figure = figures[name] or {"value": None, "stderr": None}
+                    row[name], row[f"{name}_stderr"] = figure["value"], figure["stderr"]
+                out.append(row)
+    return out
+
+
+def write_share_plot(inspection: Inspection, path: str) -> Optional[str]:
+    """Heatmaps in the coefficients' style: layers down, models across, one panel per figure
+    (delta share; sign-election share where the method has an election) and weights (the
+    config's, NAN's), coloured against an equal share (delta) or one half (election).
+    None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import TwoSlopeNorm
+    except ImportError:
+        return None  # write_heatmap has printed the hint
+    shares, models = inspection.shares, inspection.shares["models"]
+    layers = sorted(shares["layers"], key=_layer_order)
+    has_election = shares["whole_model"]["stock"][models[0]]["sign_election_share"] is not None
+    keys = [("delta_share", 1.0 / len(models))] + ([("sign_election_share", 0.5)] if has_election else [])
+    short = short_names(models)
+    cell_height = 0.22 if len(layers) <= 40 else 0.11
+    figure, axes = plt.subplots(
+        len(keys),
+        2,
+        squeeze=False,
+        layout="constrained",
+        figsize=(2 * (0.75 * len(models) + 2.2) + 1.5, len(keys) * (cell_height * len(layers) + 1.6)),
+    )
+    for row, (key, centre) in enumerate(keys):
+        norm = TwoSlopeNorm(vcenter=centre, vmin=0.0, vmax=1.0)
+        image = None
+        for column, setting in enumerate(SETTINGS):
+            ax = axes[row][column]
+            grid = []
+            for layer in layers:
+                cells = []
+                for model in models:
+                    found = shares["layers"][layer][setting][model][key]
+                    cells.append(found["value"] if found and found["value"] is not None else float("nan"))
+                grid.append(cells)
+            image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
+            method = inspection.stock_method if setting == "stock" else inspection.nan_method
+            ax.set_title(f"{key.replace('_', ' ')}, {method}", fontsize=8)
+            ax.set_xticks(range(len(models)), [short[m] for m in models], fontsize=7, rotation=30, ha="right")
+            step = 1 if len(layers) <= 40 else max(1, len(layers) // 20)
+            ax.set_yticks(range(0, len(layers), step), layers[::step], fontsize=7)
+            ax.set_ylabel("layer", fontsize=7)
+            if len(layers) <= 40 and len(models) <= 10:
+                _print_values(ax, grid, norm)
+        figure.colorbar(image, ax=list(axes[row]), shrink=0.8, label=f"white: {centre:.2g}")
+    figure.suptitle(
+        f"what the weights do, per layer: {inspection.stock_method} against {inspection.nan_method}", fontsize=9
+    )
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path

@@ -19,7 +19,7 @@ from mergekit.graph import Task
 from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import ConfigParameterDef, MergeMethod
 
-from mergekit_nan.adapters.mergekit_io import group_norms
+from mergekit_nan.adapters.mergekit_io import group_norms, measure_shares
 from mergekit_nan.core import parameters as nan_parameters
 from mergekit_nan.core.coefficients import PAPER_URL
 from mergekit_nan.core.parameters import NanSettings, base_model_needed
@@ -110,6 +110,19 @@ class NanTask(Task[torch.Tensor]):
                     in_hand=(base, [t for _, t in tuned]),
                 ),
             )
+            method = getattr(self.inner, "method", None)
+            if weighing.dry_run and hasattr(method, "consensus_method"):  # the task-arithmetic family
+                measure_shares(
+                    name,
+                    base,
+                    tuned,
+                    priors,
+                    weighing.every_weight,
+                    method.sparsification_method,
+                    method.consensus_method is not None,
+                    {m: dict(parameters[m].items()) for m, _ in tuned},
+                    getattr(self.inner, "rescale_norm", None),
+                )
             if weighing.skip_merge:
                 return base
         # The wrapped task sees the models that take part (or every model), in mergekit's own order.

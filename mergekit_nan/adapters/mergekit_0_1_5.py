@@ -21,10 +21,11 @@ from mergekit.merge_methods.base import (
     PerInputValues,
     TensorGroup,
 )
+from mergekit.sparsify import RescaleNorm
 from pydantic import BeforeValidator
 from typing_extensions import Annotated
 
-from mergekit_nan.adapters.mergekit_io import group_norms
+from mergekit_nan.adapters.mergekit_io import group_norms, measure_shares
 from mergekit_nan.core import parameters as nan_parameters
 from mergekit_nan.core.coefficients import PAPER_URL
 from mergekit_nan.core.parameters import NanSettings, base_model_needed
@@ -117,6 +118,18 @@ class NanTaskVectorMethod(GroupMergeMethod):
                 in_hand=(base.tensor, [entry.tensor for entry in tuned]),
             ),
         )
+        if weighing.dry_run and hasattr(self.wrapped, "consensus_method"):  # the task-arithmetic family
+            measure_shares(
+                name,
+                base.tensor,
+                [(entry.id, entry.tensor) for entry in tuned],
+                [parameters["weight"][i] for i in ids],
+                weighing.every_weight,
+                self.wrapped.sparsification_method,
+                self.wrapped.consensus_method is not None,
+                {i: {k: parameters[k][i] for k in ("density", "gamma", "epsilon") if k in parameters} for i in ids},
+                RescaleNorm.l1 if parameters.get("rescale") else None,
+            )
         if weighing.skip_merge:
             return base.tensor
         weights = weighing.every_weight if self.sees_every_model else weighing.weights

@@ -22,6 +22,7 @@ from mergekit_nan.core.groups import GroupNorms, GroupNormSum
 from mergekit_nan.core.norms import delta_norms, weight_norms
 from mergekit_nan.core.parameters import NanConfigError, NanSettings
 from mergekit_nan.core.session import current
+from mergekit_nan.core.shares import tensor_shares
 
 
 def group_norms(
@@ -268,3 +269,47 @@ PRIVATE_NAMES = {
     "mergekit.merge": ("_model_out_config",),
     "mergekit.plan": ("MergePlanner._plan", "MergePlanner._tensors (set by __init__)"),
 }
+
+
+RANDOM_TRIMS = ("random", "della_magprune")  # mergekit sparsifications that draw a random mask
+
+
+def measure_shares(
+    name: str,
+    base: torch.Tensor,
+    tuned: Sequence[Tuple[Any, torch.Tensor]],
+    priors: Sequence[float],
+    nan_weights: Dict[Any, float],
+    sparsification,
+    consensus: bool,
+    trim_parameters: Dict[Any, Dict[str, Any]],
+    rescale_norm,
+) -> None:
+    """For inspect: what the config's weights and NAN's do to this tensor of the merge
+    (`core.shares`), trimmed by mergekit's own sparsification, kept in the session."""
+    session = current()
+    if session is None or not session.measure_shares:
+        return
+    models = [model for model, _ in tuned]
+    trim = None
+    if sparsification is not None:
+        from mergekit.sparsify import sparsify
+
+        def trim(index: int, values: torch.Tensor) -> torch.Tensor:
+            own = trim_parameters[models[index]]
+            extra = {key: own[key] for key in ("gamma", "epsilon") if key in own}
+            return sparsify(values, density=own["density"], method=sparsification, rescale_norm=rescale_norm, **extra)
+
+    method_name = getattr(sparsification, "value", sparsification)
+    session.add_shares(
+        tensor_shares(
+            name,
+            models,
+            base,
+            [tensor for _, tensor in tuned],
+            {"stock": list(priors), "nan": [nan_weights.get(m, 0.0) for m in models]},
+            trim,
+            election=consensus,
+            randomized=method_name in RANDOM_TRIMS,
+        )
+    )

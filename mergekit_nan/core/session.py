@@ -31,6 +31,8 @@ class MergeSession:
     adapter_norms: for inspect, LoRA references on the merge's base -> {tensor: ||s B A||},
       so their deltas are never materialized.
     model_order: the models in the order the config names them (the record's columns).
+    measure_shares: for inspect, also measure what the weights do to the merge
+      (`core.shares`) in every tensor of a task-vector method.
     """
 
     def __init__(
@@ -41,13 +43,16 @@ class MergeSession:
         dry_run: bool = False,
         adapter_norms: Optional[Dict[Any, Dict[str, float]]] = None,
         model_order: Tuple[Any, ...] = (),
+        measure_shares: bool = False,
     ):
         self.out_path = out_path
         self.uses_nan = uses_nan
         self.dry_run = dry_run
         self.adapter_norms = dict(adapter_norms or {})
         self.model_order = tuple(model_order)
+        self.measure_shares = measure_shares
         self.records: List[TensorRecord] = []  # appended under the lock, read once the merge is done
+        self.shares: List[Any] = []  # core.shares.TensorShares, likewise
         self.card_section: Optional[str] = None  # set when the record is written
         self.writers: List[Any] = []  # mergekit TensorWriters this merge created
         self.scratch = Scratch()  # the norm kernel's slices, kept for the merge, per thread
@@ -58,6 +63,10 @@ class MergeSession:
     def add(self, record: TensorRecord) -> None:
         with self._lock:
             self.records.append(record)
+
+    def add_shares(self, shares: Any) -> None:
+        with self._lock:
+            self.shares.append(shares)
 
     def group_norms(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """`compute()` once per key for this merge; other threads wait for it."""
