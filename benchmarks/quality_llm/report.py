@@ -112,7 +112,11 @@ def row_scores(units, name, order):
 def premise(units, order):
     out = []
     for u in units:
-        nan_rows = [(n, r) for n, r in u["rows"].items() if r.get("coefficients") and not r.get("virtual")]
+        nan_rows = [  # rows that weighed every fine-tune (not a pair's)
+            (n, r)
+            for n, r in u["rows"].items()
+            if r.get("coefficients") and not r.get("virtual") and set(r["coefficients"]["models"]) == set(order)
+        ]
         if not nan_rows:
             continue
         ref_name, ref = next(((n, r) for n, r in nan_rows if n == "nan_task_arithmetic λ=1"), nan_rows[0])

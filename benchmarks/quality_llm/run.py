@@ -47,9 +47,16 @@ METHODS = {
     "ties": ({"weight": 1.0, "density": 0.5}, {}, None, False),
     # DARE: drop 50% with rescale, sign election, sum (normalize: false), lambda 0.5
     "dare_ties": ({"weight": 1.0, "density": 0.5}, {"lambda": 0.5}, None, True),
+    # the slerp family (`--methods multislerp nuslerp`), of the task vectors (both normalize
+    # the weights): multislerp of the three fine-tunes, nuslerp of the pair with the longest
+    # and the shortest delta; scored, like every row, on every domain
+    "multislerp": ({"weight": 1.0}, {}, None, False),
+    "nuslerp": ({"weight": 1.0}, {}, None, False),
 }
-SMOKE_GRID = [1.0]  # smoke: 4 merges per regime (task_arithmetic and ties, each
-SMOKE_METHODS = ("task_arithmetic", "ties")  # with its NAN version)
+DEFAULT_METHODS = ["task_arithmetic", "ties", "dare_ties"]
+PAIRED = {"nuslerp"}  # merges two fine-tunes: the longest and the shortest delta
+SMOKE_GRID = [1.0]  # smoke: 6 merges per regime (task_arithmetic, ties and nuslerp, each
+SMOKE_METHODS = ("task_arithmetic", "ties", "nuslerp")  # with its NAN version; nuslerp a pair)
 TEMPERATURE = 1.0
 # NAN settings beside the paper's T=1 (`--candidates`): label -> NAN parameters. Rows are
 # named `nan_<m> [label]`, compared with the stock `<m>` row at the same settings. Every
@@ -159,6 +166,8 @@ def run_unit(ctx: Context, regime: str, seed: int) -> dict:
     metas = finetune.ensure(ctx.smoke, [seed], [regime], doms=ctx.doms)
     metas = {m["key"]: m for m in metas}
     models = [finetune.ft_dir(ctx.smoke, jobs[d]["key"]) for d in ctx.order]
+    by_norm = sorted(ctx.order, key=lambda d: metas[jobs[d]["key"]]["delta_norm"])
+    pair = [d for d in ctx.order if d in (by_norm[0], by_norm[-1])]
     unit = {
         "regime": regime,
         "seed": seed,
@@ -195,6 +204,8 @@ def run_unit(ctx: Context, regime: str, seed: int) -> dict:
     work = args.work / ("smoke" if ctx.smoke else "")
     variants = [("", {"temperature": TEMPERATURE})] + [(c, CANDIDATES[c]) for c in ctx.candidates]
     for stock, (model_params, params, grid, randomized) in ctx.methods.items():
+        members = pair if stock in PAIRED else ctx.order
+        merged = [m for d, m in zip(ctx.order, models) if d in members]
         for lam in ctx.grid if grid else [None]:
             for label, nan_params in [(None, {})] + variants:
                 nan = label is not None
@@ -205,7 +216,7 @@ def run_unit(ctx: Context, regime: str, seed: int) -> dict:
                 glob_params.update(nan_params)
                 name = method + (f" [{label}]" if label else "") + (f" λ={lam:g}" if lam is not None else "")
                 config = merge_config(
-                    method, models, ctx.base, model_parameters=model_params, parameters=glob_params, dtype="float32"
+                    method, merged, ctx.base, model_parameters=model_params, parameters=glob_params, dtype="float32"
                 )
                 cfg_path = write_config(configs / f"{tag(name)}.yml", config)
                 options = ["--no-cuda", "--quiet", "--num-threads", str(args.threads)]
@@ -241,8 +252,10 @@ def run_unit(ctx: Context, regime: str, seed: int) -> dict:
                     "merge_seconds": round(merge_s, 1),
                     "eval_seconds": round(eval_s, 1),
                 }
+                if stock in PAIRED:
+                    info["members"] = members
                 if nan:
-                    info["coefficients"] = coefficient_summary(out, models, ctx.order)
+                    info["coefficients"] = coefficient_summary(out, merged, members)
                 del model
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
@@ -259,7 +272,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--regimes", nargs="+", default=list(finetune.RECIPE["regimes"]))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=HERE / "work")
     ap.add_argument("--out", type=Path, default=HERE / "results")
