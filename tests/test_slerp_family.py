@@ -191,3 +191,18 @@ def test_without_base_model_the_error_names_it(families, tmp_path, method):
     run = mergekit_yaml(config, str(tmp_path / "out"))
     assert run.returncode != 0
     assert f"{method} needs `base_model:` in the config" in run.stderr
+
+
+def test_a_tensor_no_model_changed_is_the_base_where_stock_multislerp_fails(tmp_path):
+    """Stock multislerp of three or more task vectors raises on a tensor whose deltas are all zero
+    (frozen embeddings, say); nan_multislerp leaves no model taking part there and writes the base
+    tensor. (With two models stock multislerp falls back to linear interpolation.)"""
+    untouched = {index: ["q_proj"] for index in range(3)}
+    paths = make_family(str(tmp_path / "family"), [0.01, 0.02, 0.03], skip=untouched)
+    stock = mergekit_yaml(nan_config("multislerp", paths, [1.0] * 3, "float32"), str(tmp_path / "stock"))
+    assert stock.returncode != 0 and "weighted sum of the input tensors is zero" in stock.stderr
+    run = mergekit_yaml(nan_config("nan_multislerp", paths, [1.0] * 3, "float32"), str(tmp_path / "nan"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    base, merged = load(paths[0]), load(str(tmp_path / "nan"))
+    frozen = [name for name in base if "q_proj" in name]
+    assert frozen and all(torch.equal(merged[name], base[name]) for name in frozen)
