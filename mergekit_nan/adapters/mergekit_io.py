@@ -288,7 +288,7 @@ def measure_shares(
     """For inspect: what the config's weights and NAN's do to this tensor of the merge
     (`core.shares`), trimmed by mergekit's own sparsification, kept in the session."""
     session = current()
-    if session is None or not session.measure_shares:
+    if session is None or not session.measure_shares or not tuned:  # a config of the base alone: nothing to share
         return
     models = [model for model, _ in tuned]
     trim = None
