@@ -64,8 +64,9 @@ def config_errors() -> tuple:
 @click.option("--out", default=None, help="write coefficients.json/.csv (and a heatmap) into this folder")
 @click.option("--verbose", is_flag=True, help="on a config error, show the full traceback")
 @click.option("--per-tensor", is_flag=True, help="also write every tensor's shares into shares.json/.csv")
+@click.option("--no-shares", is_flag=True, help="only the norms and coefficients, not what the weights do")
 @add_merge_options
-def inspect(merge_options: MergeOptions, config_file: str, out, verbose: bool, per_tensor: bool):
+def inspect(merge_options: MergeOptions, config_file: str, out, verbose: bool, per_tensor: bool, no_shares: bool):
     """Show the norms and coefficients a merge of CONFIG_FILE would use, and what they do to
     it against the stock weights, without merging. CONFIG_FILE may name a nan_* method or
     the stock method it wraps."""
@@ -81,7 +82,7 @@ def inspect(merge_options: MergeOptions, config_file: str, out, verbose: bool, p
         except OSError as error:
             raise click.ClickException(f"cannot read {config_file}: {error.strerror or error}") from error
         merge_config = MergeConfiguration.model_validate(raw)
-        inspection = inspect_merge(merge_config, merge_options, per_tensor=per_tensor)
+        inspection = inspect_merge(merge_config, merge_options, per_tensor=per_tensor, shares=not no_shares)
     except config_errors() as error:
         if verbose:
             raise

@@ -41,7 +41,7 @@ class Inspection:
     stock_config: bool
 
 
-def inspect_merge(merge_config, options, per_tensor: bool = False) -> Inspection:
+def inspect_merge(merge_config, options, per_tensor: bool = False, shares: bool = True) -> Inspection:
     """Inspect a config of a nan_* method, or of a stock method NAN wraps (inspected as its
     nan_ version). Fails where the merge would: the same config check, the same planning,
     the same per-tensor NAN code (only the wrapped arithmetic is skipped)."""
@@ -62,15 +62,15 @@ def inspect_merge(merge_config, options, per_tensor: bool = False) -> Inspection
         dry_run=True,
         adapter_norms=adapters_on_base(merge_config),  # before planning touches any loader
         model_order=config_model_order(merge_config),
-        measure_shares=True,
+        measure_shares=shares,
     )
     with opened(session):
         run_tensor_tasks(merge_config, options)
     document = record.to_json(session.records)
-    shares = report(session.shares, document["models"], layer_of, per_tensor) if session.shares else None
+    measured = report(session.shares, document["models"], layer_of, per_tensor) if session.shares else None
     return Inspection(
         document=document,
-        shares=shares,
+        shares=measured,
         stock_method=merge_config.merge_method.removeprefix("nan_"),
         nan_method=merge_config.merge_method,
         stock_config=stock_config,

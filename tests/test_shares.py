@@ -199,3 +199,12 @@ def test_a_stock_method_nan_does_not_wrap_is_refused(family, tmp_path):
     run = mergekit_nan_inspect(write_config(tmp_path / "c.yml", config))
     assert run.returncode == 1
     assert "inspect needs a nan_* merge method or a stock method that one wraps, not 'passthrough'" in run.stderr
+
+
+def test_no_shares_writes_the_coefficients_only(family, tmp_path):
+    config = nan_config("nan_ties", family, PRIORS, "float32", None, {"density": DENSITY})
+    out = tmp_path / "inspect"
+    run = mergekit_nan_inspect(write_config(tmp_path / "c.yml", config), "--out", out, "--no-shares")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (out / "coefficients.json").exists() and not (out / "shares.json").exists()
+    assert "what the weights do" not in run.stdout
