@@ -2,6 +2,7 @@
 
     python share_prediction.py            # every committed benchmark set whose fine-tunes are cached here
     python share_prediction.py --smoke    # CI: the two quality smokes' sets (run their --smoke first)
+    python share_prediction.py --redraw   # results.md and the plot again, from results.json
 
 For each benchmark set (family x regime x fine-tuning seed) and stock method (ties, dare_ties, task_arithmetic at
 its fixed setting), it runs `mergekit-nan inspect` on the committed stock config of that set and reads the stock
@@ -100,8 +101,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--redraw", action="store_true", help="rewrite results.md and the plot from results.json")
     args = ap.parse_args(argv)
     out = args.out or HERE / "share_prediction" / ("smoke" if args.smoke else "")
+    if args.redraw:
+        saved = json.loads((out / "results.json").read_text())
+        (out / "results.md").write_text(report(saved["rows"], saved["not_run"]))
+        plot(saved["rows"], out / "prediction.png")
+        return
     rows, missing = [], []
     for family, folder in runs(args.smoke):
         if not (folder / "results.json").exists():
@@ -181,6 +188,7 @@ def plot(rows: list[dict], path: Path) -> None:
     keys = [("sign_election", "largest sign-election share, stock"), ("delta", "largest delta share, stock")]
     figure, axes = plt.subplots(2, 2, squeeze=False, layout="constrained", figsize=(10, 7))
     markers = {"ties": "o", "dare_ties": "s", "task_arithmetic": "^"}
+    colours = {"ties": "C0", "dare_ties": "C1", "task_arithmetic": "C2"}
     for row, family in enumerate(families):
         for column, (key, label) in enumerate(keys):
             ax = axes[row][column]
@@ -193,6 +201,7 @@ def plot(rows: list[dict], path: Path) -> None:
                     m["mean"],
                     yerr=[[m["mean"] - m["lo"]], [m["hi"] - m["mean"]]],
                     fmt=markers[r["method"]],
+                    color=colours[r["method"]],
                     capsize=2,
                     label=r["method"],
                 )
