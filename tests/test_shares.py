@@ -156,9 +156,7 @@ def test_sampled_figures_are_within_their_error_of_the_exact_ones():
     def measured(**sizes):
         from mergekit_nan.core.shares import summarize
 
-        shares = [
-            tensor_shares(n, ["a", "b", "c"], b, t, weights, trim, election=True, **sizes) for n, b, t in tensors
-        ]
+        shares = [tensor_shares(n, ["a", "b", "c"], b, t, weights, trim, election=True, **sizes) for n, b, t in tensors]
         return summarize(shares, ["a", "b", "c"])
 
     exact = measured(exact_limit=10**9)
