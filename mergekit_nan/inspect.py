@@ -60,7 +60,7 @@ def inspect_merge(merge_config, options, per_tensor: bool = False, shares: bool 
     LoaderCache().setup(options=options)
     session = MergeSession(
         dry_run=True,
-        adapter_norms=adapters_on_base(merge_config),  # before planning touches any loader
+        adapters=adapters_on_base(merge_config),  # before planning touches any loader
         model_order=config_model_order(merge_config),
         measure_shares=shares,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from typing import Dict, List, Sequence
@@ -178,3 +179,44 @@ def reference_group_weights(base, tuned, priors, temperature, group_of, norm_of=
         mass = sum(p * a for p, a in zip(priors, alpha))
         weights[name] = [budget * p * a / mass if mass else 0.0 for p, a in zip(priors, alpha)]
     return weights
+
+
+LAYER = re.compile(r"\.(\d+)\.")
+
+
+def top_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES's trim: keep the max(1, int(density * n)) entries of largest magnitude."""
+    flat = delta.flatten()
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[flat.abs().argsort(descending=True)[: max(1, int(density * flat.numel()))]] = True
+    return (flat * keep).reshape(delta.shape)
+
+
+def share_reference(base, tuned, weights_of, election: bool, density=None):
+    """Float64 figures per scope ("all" and each layer): per model the kept squared weighted
+    delta, the disputed-sign wins; plus the task vectors' dot products. `base`, `tuned`:
+    state dicts."""
+    sums = {}
+    for name, b in base.items():
+        scopes = ["all", LAYER.search(name).group(1) if LAYER.search(name) else "other"]
+        deltas = [(t[name] - b).double() for t in tuned]  # taken in the checkpoints' dtype, as mergekit does
+        trimmed = [top_magnitude(d, density) if density else d for d in deltas]
+        weighted = [w * d for w, d in zip(weights_of(name), trimmed)]
+        total = sum(weighted)
+        elected = torch.where(total >= 0, 1.0, -1.0).double()
+        positive = torch.stack([x > 0 for x in weighted]).any(0)
+        negative = torch.stack([x < 0 for x in weighted]).any(0)
+        disputed = positive & negative
+        for scope in scopes:
+            entry = sums.setdefault(
+                scope, {"energy": [0.0] * len(tuned), "wins": [0.0] * len(tuned), "disputed": 0.0, "dots": {}}
+            )
+            entry["disputed"] += float(disputed.sum())
+            for i, x in enumerate(weighted):
+                agrees = x.sign() == elected
+                kept = x * agrees if election else x
+                entry["energy"][i] += float((kept * kept).sum())
+                entry["wins"][i] += float((agrees & disputed).sum())
+                for j, y in enumerate(deltas):
+                    entry["dots"][(i, j)] = entry["dots"].get((i, j), 0.0) + float((deltas[i] * y).sum())
+    return sums

@@ -104,3 +104,69 @@ def test_inspect_takes_adapter_norms_from_the_adapter_files(adapters, tmp_path):
     for a, b in zip(inspected["tensors"], merged["tensors"]):
         for key in ("norms", "coefficients", "weights"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (a["name"], key)
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_inspect_shares_take_the_adapters_deltas(adapters, tmp_path, method):
+    """inspect loads a LoRA on the base as the base itself; its shares must still be those of
+    the adapter's delta: a float64 computation on the materialized merges, stock and NAN."""
+    import json
+
+    from merging import mergekit_nan_inspect, reference_weights, share_reference
+
+    from mergekit_nan.yaml_run import write_config
+
+    base_path, adapter_dirs, merged_states = adapters
+    priors, density = [1.0, 0.5], (0.5 if method == "ties" else None)
+    per_model = {"density": density} if density else {}
+    config = {
+        "merge_method": method,
+        "base_model": base_path,
+        "models": [
+            {"model": f"{base_path}+{a}", "parameters": {"weight": w, **per_model}}
+            for a, w in zip(adapter_dirs, priors)
+        ],
+        "dtype": "float32",
+    }
+    cache = tmp_path / "inspect-cache"
+    run = mergekit_nan_inspect(
+        write_config(tmp_path / "c.yml", config), "--out", tmp_path / "inspect", "--lora-merge-cache", cache
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not cache.exists() or not any(cache.iterdir())  # still no adapter merged into a full model
+    shares = json.loads((tmp_path / "inspect" / "shares.json").read_text())
+    base = load(base_path)
+    tuned = [{name: merged[name] for name in base} for merged in merged_states]
+    nan = reference_weights(base, tuned, priors, default_temperature(f"nan_{method}"))
+    models = shares["models"]
+    for setting, weights_of in (("stock", lambda name: priors), ("nan", lambda name: nan[name])):
+        want = share_reference(base, tuned, weights_of, method == "ties", density)["all"]
+        got = shares["whole_model"][setting]
+        for i, model in enumerate(models):
+            assert got[model]["delta_share"]["value"] == pytest.approx(
+                want["energy"][i] / sum(want["energy"]), rel=1e-4
+            )
+            assert got[model]["delta_share"]["value"] > 0, (setting, model)  # the adapter's delta, not a zero one
+            if method == "ties":
+                assert got[model]["sign_election_share"]["value"] == pytest.approx(
+                    want["wins"][i] / want["disputed"], rel=1e-4
+                )
+        dots = want["dots"]
+        assert shares["whole_model"]["cosine"][models[0]][models[1]] == pytest.approx(
+            dots[(0, 1)] / (dots[(0, 0)] * dots[(1, 1)]) ** 0.5, rel=1e-4, abs=1e-9
+        )
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_low_rank_entries_equal_the_full_matrix(transposed):
+    from mergekit_nan.core.lora import LowRankDelta
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 7, generator=gen, dtype=torch.float64), torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    full = 1.5 * (b @ a)
+    full = full.T.contiguous() if transposed else full  # fan_in_fan_out stores the transpose
+    delta = LowRankDelta(1.5, a, b, transposed)
+    index = torch.randint(full.numel(), (50,), generator=gen)
+    assert torch.allclose(delta.values(), full.reshape(-1), rtol=1e-12, atol=0)
+    assert torch.allclose(delta.values(index), full.reshape(-1)[index], rtol=1e-12, atol=0)
+    assert delta.norm() == pytest.approx(full.norm().item(), rel=1e-12)

@@ -5,61 +5,31 @@ from the definitions, and against what mergekit's own TIES merge produces."""
 import csv
 import json
 import math
-import re
 
 import pytest
 import torch
 from checkpoints import load, make_family
-from merging import default_temperature, mergekit_nan_inspect, mergekit_yaml, nan_config, reference_weights
+from merging import (
+    default_temperature,
+    mergekit_nan_inspect,
+    mergekit_yaml,
+    nan_config,
+    reference_weights,
+    share_reference,
+    top_magnitude,
+)
 
 from mergekit_nan.core.shares import tensor_shares
 from mergekit_nan.yaml_run import write_config
 
 PRIORS = [1.0, 2.0, 0.5]
 DENSITY = 0.4
-LAYER = re.compile(r"\.(\d+)\.")
 
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     # ft0 leaves v_proj untouched: it takes no part there
     return make_family(str(tmp_path_factory.mktemp("family")), [0.003, 0.02, 0.05], skip={0: ["v_proj"]})
-
-
-def top_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES's trim: keep the max(1, int(density * n)) entries of largest magnitude."""
-    flat = delta.flatten()
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[flat.abs().argsort(descending=True)[: max(1, int(density * flat.numel()))]] = True
-    return (flat * keep).reshape(delta.shape)
-
-
-def reference(paths, weights_of, election: bool, density=None):
-    """Float64 figures per scope ("all" and each layer): per model the kept squared weighted
-    delta, the disputed-sign wins; plus the task vectors' dot products."""
-    base, tuned = load(paths[0]), [load(p) for p in paths[1:]]
-    sums = {}
-    for name, b in base.items():
-        scopes = ["all", LAYER.search(name).group(1) if LAYER.search(name) else "other"]
-        deltas = [(t[name] - b).double() for t in tuned]  # taken in the checkpoints' dtype, as mergekit does
-        trimmed = [top_magnitude(d, density) if density else d for d in deltas]
-        weighted = [w * d for w, d in zip(weights_of(name), trimmed)]
-        total = sum(weighted)
-        elected = torch.where(total >= 0, 1.0, -1.0).double()
-        positive = torch.stack([x > 0 for x in weighted]).any(0)
-        negative = torch.stack([x < 0 for x in weighted]).any(0)
-        disputed = positive & negative
-        for scope in scopes:
-            entry = sums.setdefault(scope, {"energy": [0.0] * 3, "wins": [0.0] * 3, "disputed": 0.0, "dots": {}})
-            entry["disputed"] += float(disputed.sum())
-            for i, x in enumerate(weighted):
-                agrees = x.sign() == elected
-                kept = x * agrees if election else x
-                entry["energy"][i] += float((kept * kept).sum())
-                entry["wins"][i] += float((agrees & disputed).sum())
-                for j, y in enumerate(deltas):
-                    entry["dots"][(i, j)] = entry["dots"].get((i, j), 0.0) + float((deltas[i] * y).sum())
-    return sums
 
 
 def run_inspect(config, tmp_path, *extra):
@@ -89,7 +59,7 @@ def test_every_figure_equals_a_float64_computation(family, tmp_path, method, ele
     nan = reference_weights(load(family[0]), [load(p) for p in family[1:]], PRIORS, temperature)
     # NAN's weights here are float64's; the plugin's agree to ~1e-7 (its norms are float32 sums)
     for setting, weights_of, rel in (("stock", lambda name: PRIORS, 1e-9), ("nan", lambda name: nan[name], 1e-6)):
-        expected = reference(family, weights_of, election, density)
+        expected = share_reference(load(family[0]), [load(p) for p in family[1:]], weights_of, election, density)
         for scope, summary in [("all", shares["whole_model"])] + list(shares["layers"].items()):
             want = expected[scope]
             assert summary["sampled_tensors"] == 0 and not summary["estimated"]

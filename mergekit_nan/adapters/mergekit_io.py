@@ -213,17 +213,19 @@ def _stored_key(model, name: str, planned: PlannedTensor) -> Hashable:
     return next((key for key in (name, *planned.aliases, *planned.tied_names) if key in index), name)
 
 
-def adapters_on_base(merge_config) -> Dict[Any, Dict[str, float]]:
-    """LoRA references on the merge's own base: their norms, read from the adapter files.
+def adapters_on_base(merge_config) -> Dict[Any, Dict[str, Any]]:
+    """LoRA references on the merge's own base: their deltas (`core.lora.LowRankDelta`
+    per tensor), read from the adapter files.
 
     Their loaders are pointed at the base model, so mergekit never merges them into a
     full model (no --lora-merge-cache entry); the NAN methods substitute the adapter's
-    ||s B A|| for the (zero) measured delta. Call before planning touches any loader.
+    ||s B A|| for the (zero) measured delta, and the shares its entries. Call before
+    planning touches any loader.
     """
     from mergekit.common import ModelReference
     from mergekit.io.tasks import LoaderCache
 
-    from mergekit_nan.core.lora import adapter_delta_norms
+    from mergekit_nan.core.lora import adapter_deltas
 
     base = merge_config.base_model
     if base is None or base.lora is not None:
@@ -231,7 +233,7 @@ def adapters_on_base(merge_config) -> Dict[Any, Dict[str, float]]:
     found = {}
     for model in merge_config.referenced_models():
         if model.lora is not None and model.model == base.model:
-            found[model] = adapter_delta_norms(model.lora.path)
+            found[model] = adapter_deltas(model.lora.path)
             cache = LoaderCache()
             cache.loaders[model] = cache.get(ModelReference(model=model.model))
     return found
@@ -291,6 +293,8 @@ def measure_shares(
     if session is None or not session.measure_shares or not tuned:  # a config of the base alone: nothing to share
         return
     models = [model for model, _ in tuned]
+    # a LoRA on the base is loaded as the base itself (adapters_on_base): take its delta from the adapter
+    deltas = [session.adapters.get(model, {}).get(name, tensor) for model, tensor in tuned]
     trim = None
     if sparsification is not None:
         from mergekit.sparsify import sparsify
@@ -306,7 +310,7 @@ def measure_shares(
             name,
             models,
             base,
-            [tensor for _, tensor in tuned],
+            deltas,
             {"stock": list(priors), "nan": [nan_weights.get(m, 0.0) for m in models]},
             trim,
             election=consensus,

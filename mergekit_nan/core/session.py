@@ -28,8 +28,8 @@ class MergeSession:
     uses_nan: whether the merge runs a nan_* method (stock merges get a session too,
       so that a record left by an earlier NAN merge can be removed).
     dry_run: compute and record the coefficients, skip the wrapped merge (inspect).
-    adapter_norms: for inspect, LoRA references on the merge's base -> {tensor: ||s B A||},
-      so their deltas are never materialized.
+    adapters: for inspect, LoRA references on the merge's base -> {tensor: its
+      core.lora.LowRankDelta}, so their deltas are never materialized.
     model_order: the models in the order the config names them (the record's columns).
     measure_shares: for inspect, also measure what the weights do to the merge
       (`core.shares`) in every tensor of a task-vector method.
@@ -41,14 +41,15 @@ class MergeSession:
         *,
         uses_nan: bool = True,
         dry_run: bool = False,
-        adapter_norms: Optional[Dict[Any, Dict[str, float]]] = None,
+        adapters: Optional[Dict[Any, Dict[str, Any]]] = None,
         model_order: Tuple[Any, ...] = (),
         measure_shares: bool = False,
     ):
         self.out_path = out_path
         self.uses_nan = uses_nan
         self.dry_run = dry_run
-        self.adapter_norms = dict(adapter_norms or {})
+        self.adapters = dict(adapters or {})
+        self.adapter_norms = {model: {n: d.norm() for n, d in found.items()} for model, found in self.adapters.items()}
         self.model_order = tuple(model_order)
         self.measure_shares = measure_shares
         self.records: List[TensorRecord] = []  # appended under the lock, read once the merge is done

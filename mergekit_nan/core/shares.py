@@ -26,9 +26,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from mergekit_nan.core.lora import LowRankDelta
+
 SETTINGS = ("stock", "nan")
-EXACT_LIMIT = 1 << 18  # coordinates; a larger tensor is sampled
-SAMPLE_SIZE = 1 << 18
+# A larger tensor is sampled; 2^16 coordinates keep the report's cost near 20 ms per tensor
+# (3 models) and a share's error per tensor near 0.2 points (`benchmarks/perf/inspect_cost.py`).
+EXACT_LIMIT = 1 << 16
+SAMPLE_SIZE = 1 << 16
 
 
 @dataclass
@@ -62,12 +66,31 @@ class TensorShares:
 
 def _sums(per_model: torch.Tensor, total: torch.Tensor, moments: bool) -> Sums:
     """per_model: K x n values a, total: n values b."""
+    if per_model.dtype == torch.bool:  # indicators, a <= b: a^2 = a b = a, b^2 = b
+        a, b = per_model.sum(1, dtype=torch.float64).tolist(), float(total.sum())
+        return Sums(a=a, b=b, aa=a, ab=a, bb=b) if moments else Sums(a=a, b=b)
     sums = Sums(a=per_model.sum(1).tolist(), b=float(total.sum()))
     if moments:
         sums.aa = (per_model * per_model).sum(1).tolist()
         sums.ab = (per_model * total).sum(1).tolist()
         sums.bb = float((total * total).sum())
     return sums
+
+
+def _delta_values(tuned, flat_base: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
+    """A model's delta over the whole tensor or at `index`, in float64 on the CPU: tuned -
+    base taken in the base's dtype, or a LoRA's s B A entries."""
+    if isinstance(tuned, LowRankDelta):
+        if tuned.b.shape[0] * tuned.a.shape[1] != flat_base.numel():
+            raise ValueError(
+                f"a LoRA delta of {tuned.b.shape[0]} x {tuned.a.shape[1]} on a tensor of {flat_base.numel()}"
+            )
+        return tuned.values(index)
+    flat = tuned.reshape(-1)
+    if index is not None:
+        index = index.to(flat.device)
+        flat, flat_base = flat[index], flat_base[index]
+    return (flat.to(flat_base.dtype) - flat_base).double().cpu()
 
 
 def tensor_shares(
@@ -85,34 +108,33 @@ def tensor_shares(
     seed: int = 0,
 ) -> TensorShares:
     """The shares of one tensor, from the base tensor and the models' (delta = tuned - base,
-    taken in the base's dtype). `weights`: setting -> per-model weight; `trim(i, values)`
+    taken in the base's dtype; a `LowRankDelta` is a LoRA's delta itself). `weights`: setting -> per-model weight; `trim(i, values)`
     returns model i's trimmed delta values (the wrapped method's sparsification)."""
     size = base.numel()
     sampled = size > exact_limit
     flat_base = base.reshape(-1)
+    index = None
     if sampled:
         generator = torch.Generator().manual_seed(zlib.crc32(name.encode()) ^ seed)
-        index = torch.randint(size, (sample_size,), generator=generator).to(base.device)
-        values = [(t.reshape(-1)[index].to(base.dtype) - flat_base[index]).double().cpu() for t in tuned]
-    else:
-        values = [(t.reshape(-1).to(base.dtype) - flat_base).double().cpu() for t in tuned]
+        index = torch.randint(size, (sample_size,), generator=generator)
+    values = [_delta_values(t, flat_base, index) for t in tuned]
     untrimmed = torch.stack(values)
-    trimmed = torch.stack([trim(i, v) if trim else v for i, v in enumerate(values)])
+    trimmed = torch.stack([trim(i, v) for i, v in enumerate(values)]) if trim else untrimmed
     delta, elections = {}, {}
     for setting, setting_weights in weights.items():
         w = torch.tensor([float(x) for x in setting_weights], dtype=torch.float64).unsqueeze(1)
         weighted = trimmed * w
-        signs = weighted.sign()
         if election:
-            elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(torch.float64)
-            kept = weighted * (signs == elected)
-            disputed = ((signs > 0).any(0) & (signs < 0).any(0)).to(torch.float64)
-            wins = (signs == elected).to(torch.float64) * disputed
-            elections[setting] = _sums(wins, disputed, sampled)
+            positive, negative = weighted > 0, weighted < 0
+            # mergekit's rule: the sign of the sum, 0 counted as +; a zero entry agrees with neither sign
+            agrees = torch.where(weighted.sum(0) >= 0, positive, negative)
+            kept = weighted * agrees
+            disputed = positive.any(0) & negative.any(0)
+            elections[setting] = _sums(agrees & disputed, disputed, sampled)
         else:
             kept = weighted
             elections[setting] = None
-        energy = kept * kept
+        energy = kept.square_()
         delta[setting] = _sums(energy, energy.sum(0), sampled)
     return TensorShares(
         name=name,
