@@ -69,11 +69,6 @@ def adapter_deltas(adapter_dir: str) -> Dict[str, LowRankDelta]:
     return deltas
 
 
-def adapter_delta_norms(adapter_dir: str) -> Dict[str, float]:
-    """{'model.layers.0.self_attn.q_proj.weight': ||s B A||_F, ...} for every adapted module."""
-    return {name: delta.norm() for name, delta in adapter_deltas(adapter_dir).items()}
-
-
 def _pattern(pattern: Dict[str, float], module: str, default: float) -> float:
     """PEFT's per-module override: the first key that names the end of the module path."""
     for key, value in pattern.items():

@@ -108,8 +108,9 @@ def tensor_shares(
     seed: int = 0,
 ) -> TensorShares:
     """The shares of one tensor, from the base tensor and the models' (delta = tuned - base,
-    taken in the base's dtype; a `LowRankDelta` is a LoRA's delta itself). `weights`: setting -> per-model weight; `trim(i, values)`
-    returns model i's trimmed delta values (the wrapped method's sparsification)."""
+    taken in the base's dtype; a `LowRankDelta` is a LoRA's delta itself). `weights`:
+    setting -> per-model weight; `trim(i, values)` returns model i's trimmed delta values
+    (the wrapped method's sparsification)."""
     size = base.numel()
     sampled = size > exact_limit
     flat_base = base.reshape(-1)
