@@ -1,20 +1,39 @@
 """Command-line entry points: `mergekit-nan-yaml` and `mergekit-nan`."""
 
+import os
+import sys
+
 import click
 import yaml
 from mergekit.options import MergeOptions, add_merge_options
 
 import mergekit_nan  # noqa: F401  (registers the nan_* methods)
+from mergekit_nan.core.norm_cache import ENVIRONMENT_VARIABLE
+
+NORM_CACHE_HELP = (
+    "where the layer/model norms are cached: a directory, or `off` "
+    f"(default: ${ENVIRONMENT_VARIABLE}, else mergekit-nan/norms in the Hugging Face cache)"
+)
 
 
 def run_yaml():
-    """`mergekit-nan-yaml`: mergekit-yaml with the NAN methods registered.
+    """`mergekit-nan-yaml`: mergekit-yaml with the NAN methods registered, and
+    `--norm-cache DIR|off` (sets $MERGEKIT_NAN_NORM_CACHE for the merge).
 
     For environments that skip .pth files (python -S, some embedded setups).
     """
     from mergekit.scripts.run_yaml import main as mergekit_yaml
 
-    mergekit_yaml(prog_name="mergekit-nan-yaml")
+    arguments, rest = sys.argv[1:], []
+    while arguments:
+        argument = arguments.pop(0)
+        if argument == "--norm-cache" and arguments:
+            os.environ[ENVIRONMENT_VARIABLE] = arguments.pop(0)
+        elif argument.startswith("--norm-cache="):
+            os.environ[ENVIRONMENT_VARIABLE] = argument.split("=", 1)[1]
+        else:
+            rest.append(argument)
+    mergekit_yaml(args=rest, prog_name="mergekit-nan-yaml")
 
 
 @click.group(name="mergekit-nan")
@@ -65,8 +84,17 @@ def config_errors() -> tuple:
 @click.option("--verbose", is_flag=True, help="on a config error, show the full traceback")
 @click.option("--per-tensor", is_flag=True, help="also write every tensor's shares into shares.json/.csv")
 @click.option("--no-shares", is_flag=True, help="only the norms and coefficients, not what the weights do")
+@click.option("--norm-cache", default=None, metavar="DIR|off", help=NORM_CACHE_HELP)
 @add_merge_options
-def inspect(merge_options: MergeOptions, config_file: str, out, verbose: bool, per_tensor: bool, no_shares: bool):
+def inspect(
+    merge_options: MergeOptions,
+    config_file: str,
+    out,
+    verbose: bool,
+    per_tensor: bool,
+    no_shares: bool,
+    norm_cache: str,
+):
     """Show the norms and coefficients a merge of CONFIG_FILE would use, and what they do to
     it against the stock weights, without merging. CONFIG_FILE may name a nan_* method or
     the stock method it wraps."""
@@ -75,6 +103,8 @@ def inspect(merge_options: MergeOptions, config_file: str, out, verbose: bool, p
     from mergekit_nan.inspect import inspect_merge, shares_text, summary_text, write_outputs
 
     merge_options.apply_global_options()
+    if norm_cache is not None:
+        os.environ[ENVIRONMENT_VARIABLE] = norm_cache
     try:
         try:
             with open(config_file, encoding="utf-8") as handle:

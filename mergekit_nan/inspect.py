@@ -18,7 +18,15 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from mergekit_nan.adapters import generation
-from mergekit_nan.adapters.lifecycle import check_merge_config, config_model_order, nan_method
+from mergekit_nan.adapters.lifecycle import (
+    cache_use,
+    check_merge_config,
+    config_model_order,
+    inputs_as_stored,
+    nan_method,
+    norm_cache_kept,
+    open_norm_cache,
+)
 from mergekit_nan.adapters.mergekit_io import adapters_on_base, run_tensor_tasks
 from mergekit_nan.core import record
 from mergekit_nan.core.parameters import NanConfigError
@@ -63,10 +71,12 @@ def inspect_merge(merge_config, options, per_tensor: bool = False, shares: bool 
         adapters=adapters_on_base(merge_config),  # before planning touches any loader
         model_order=config_model_order(merge_config),
         measure_shares=shares,
+        norm_cache=open_norm_cache(),
+        inputs_as_stored=inputs_as_stored(merge_config),
     )
-    with opened(session):
+    with opened(session), norm_cache_kept(session):
         run_tensor_tasks(merge_config, options)
-    document = record.to_json(session.records)
+    document = record.to_json(session.records, norm_cache=cache_use(session))
     measured = report(session.shares, document["models"], layer_of, per_tensor) if session.shares else None
     return Inspection(
         document=document,
@@ -143,6 +153,11 @@ def summary_text(document: Dict[str, Any]) -> str:
         f"{document['merge_method']} over {len(document['tensors'])} tensors, parameters {document['parameters']}",
         "",
     ]
+    if "norm_cache" in document:
+        use = document["norm_cache"]
+        lines[1:1] = [
+            f"layer/model norms: {use['read']} read from the norm cache, {use['added']} computed and added to it"
+        ]
     if not models:
         lines.append(
             "No model other than the base takes part: there is nothing to weigh, and the merge "

@@ -1,5 +1,8 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -7,6 +10,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
+# The norm cache of every merge the suite runs (subprocesses included) is its own, never
+# the user's; tests that look at the cache itself point merges at their own folders.
+os.environ["MERGEKIT_NAN_NORM_CACHE"] = tempfile.mkdtemp(prefix="mergekit-nan-norm-cache-")
+atexit.register(shutil.rmtree, os.environ["MERGEKIT_NAN_NORM_CACHE"], True)
 
 from merging import INSPECT_RECORD_FILENAME, load_record  # noqa: E402  (needs the path above)
 

@@ -97,6 +97,7 @@ def test_prepass_reads_each_input_once(family, tmp_path, monkeypatch, granularit
     monkeypatch.setattr(LazyTensorLoader, "get_tensor", counting_get)
     monkeypatch.setattr(mergekit_io.NormPass, "__init__", counting_init)
     monkeypatch.setattr(mergekit_io.NormPass, "_measure", counting_measure)
+    monkeypatch.setenv("MERGEKIT_NAN_NORM_CACHE", str(tmp_path / "cache"))
     config = nan_config("nan_ties", family, PRIORS, "float32", {"granularity": granularity})
     run_in_process(config, str(tmp_path / "out"))
     tensors = load(family[0])
@@ -110,6 +111,14 @@ def test_prepass_reads_each_input_once(family, tmp_path, monkeypatch, granularit
     # base + 3 models, each tensor once, except the one whose merge asks for its group's
     # norm: mergekit has loaded that one already
     assert len(reads) == len(set(reads)) == 4 * (len(tensors) - len(groups))
+
+    # The same merge again: every norm is in the norm cache, the pass reads nothing.
+    reads.clear()
+    run_in_process(config, str(tmp_path / "again"))
+    assert reads == []
+    assert read_record(str(tmp_path / "again"))["norm_cache"] == {"read": 4 * len(tensors), "added": 0}
+    for name, tensor in load(str(tmp_path / "out")).items():
+        assert torch.equal(tensor, load(str(tmp_path / "again"))[name]), name
 
 
 def test_layer_groups_follow_mergekit_architecture_info_on_gpt2(tmp_path):

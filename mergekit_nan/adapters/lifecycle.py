@@ -29,6 +29,8 @@ import sys
 from typing import List, Optional
 
 from mergekit_nan.adapters import generation
+from mergekit_nan.core.norm_cache import NormCache, default_directory
+from mergekit_nan.core.norms import NORM_KERNEL
 from mergekit_nan.core.parameters import (
     LINEAR_SHARED,
     SHARED,
@@ -95,9 +97,13 @@ def _merge_runner(original):
     def run_merge(merge_config, out_path, *args, **kwargs):
         uses_nan = check_merge_config(merge_config)
         session = MergeSession(
-            os.path.abspath(out_path), uses_nan=uses_nan, model_order=config_model_order(merge_config)
+            os.path.abspath(out_path),
+            uses_nan=uses_nan,
+            model_order=config_model_order(merge_config),
+            norm_cache=open_norm_cache() if uses_nan else None,
+            inputs_as_stored=inputs_as_stored(merge_config),
         )
-        with opened(session), output_folder_held(session.out_path):
+        with opened(session), output_folder_held(session.out_path), norm_cache_kept(session):
             try:
                 return original(merge_config, out_path, *args, **kwargs)
             except BaseException as error:  # Ctrl-C included: nothing half-written stays
@@ -106,6 +112,44 @@ def _merge_runner(original):
                 raise
 
     return run_merge
+
+
+# --- the norm cache -------------------------------------------------------------------
+
+
+def open_norm_cache() -> Optional[NormCache]:
+    """The norm cache a merge uses (`core.norm_cache.default_directory`), None if off."""
+    directory = default_directory()
+    return None if directory is None else NormCache(directory, NORM_KERNEL)
+
+
+@contextlib.contextmanager
+def norm_cache_kept(session: MergeSession):
+    """Write the norms the merge computed into the cache when it ends (a failed merge's
+    too: a norm does not depend on whether the merge went on)."""
+    try:
+        yield
+    finally:
+        if session.norm_cache is not None:
+            session.norm_cache.flush()
+
+
+def inputs_as_stored(merge_config) -> bool:
+    """Whether mergekit hands the merge methods each tensor as a checkpoint stores it
+    under that name: not with a tokenizer merge (embeddings are permuted) nor with
+    `slices:` (a tensor may come from another layer of a source)."""
+    if getattr(merge_config, "tokenizer_source", None) is not None or getattr(merge_config, "tokenizer", None):
+        return False
+    containers = [merge_config, *(merge_config.modules or {}).values()]
+    return not any(getattr(container, "slices", None) for container in containers)
+
+
+def cache_use(session: MergeSession) -> Optional[dict]:
+    """For the record: how many norms came from the cache and how many were added to it."""
+    cache = session.norm_cache
+    if cache is None or not (cache.from_cache or cache.computed):
+        return None
+    return {"read": cache.from_cache, "added": cache.computed}
 
 
 # --- one merge per output folder -------------------------------------------------------
@@ -306,7 +350,7 @@ def _after_writing(writer, session: MergeSession) -> None:
     """Every tensor is written: save this merge's record, remove what describes another."""
     path = os.path.join(writer.out_path, RECORD_FILENAME)
     if session.uses_nan and session.records:
-        document = to_json(session.records)
+        document = to_json(session.records, norm_cache=cache_use(session))
         write(document, path)
         session.card_section = card_section(document)
         _remove_other_shards(writer)

@@ -19,7 +19,7 @@ from mergekit.graph import Task
 from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import ConfigParameterDef, MergeMethod
 
-from mergekit_nan.adapters.mergekit_io import group_norms, measure_shares
+from mergekit_nan.adapters.mergekit_io import group_norms, measure_shares, tensor_norms
 from mergekit_nan.core import parameters as nan_parameters
 from mergekit_nan.core.coefficients import PAPER_URL
 from mergekit_nan.core.parameters import NanSettings, base_model_needed
@@ -108,6 +108,9 @@ class NanTask(Task[torch.Tensor]):
                     base.dtype,
                     base.device,
                     in_hand=(base, [t for _, t in tuned]),
+                ),
+                own_norms=lambda: tensor_norms(
+                    name, self.base_model, [m for m, _ in tuned], settings, (base, [t for _, t in tuned])
                 ),
             )
             method = getattr(self.inner, "method", None)

@@ -25,7 +25,7 @@ from mergekit.sparsify import RescaleNorm
 from pydantic import BeforeValidator
 from typing_extensions import Annotated
 
-from mergekit_nan.adapters.mergekit_io import group_norms, measure_shares
+from mergekit_nan.adapters.mergekit_io import group_norms, measure_shares, tensor_norms
 from mergekit_nan.core import parameters as nan_parameters
 from mergekit_nan.core.coefficients import PAPER_URL
 from mergekit_nan.core.parameters import NanSettings, base_model_needed
@@ -116,6 +116,9 @@ class NanTaskVectorMethod(GroupMergeMethod):
                 base.tensor.dtype,
                 base.tensor.device,
                 in_hand=(base.tensor, [entry.tensor for entry in tuned]),
+            ),
+            own_norms=lambda: tensor_norms(
+                name, base.id, ids, settings, (base.tensor, [entry.tensor for entry in tuned])
             ),
         )
         if weighing.dry_run and hasattr(self.wrapped, "consensus_method"):  # the task-arithmetic family

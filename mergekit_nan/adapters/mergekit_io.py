@@ -11,6 +11,7 @@ threads wait for a group being measured.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
@@ -19,7 +20,8 @@ import torch
 import tqdm
 
 from mergekit_nan.core.groups import GroupNorms, GroupNormSum
-from mergekit_nan.core.norms import delta_norms, weight_norms
+from mergekit_nan.core.norm_cache import DELTA, WEIGHT
+from mergekit_nan.core.norms import DeltaNorms, delta_norms, weight_norms
 from mergekit_nan.core.parameters import NanConfigError, NanSettings
 from mergekit_nan.core.session import current
 from mergekit_nan.core.shares import tensor_shares
@@ -37,14 +39,34 @@ def group_norms(
     """{`name`: each model's norm over the group of tensor `name`}, or {} where mergekit's
     architecture info has no entry for `name`. `in_hand`: tensor `name` of the base and
     of each model as mergekit loaded it for this merge, used instead of a second copy."""
+    norms = _norm_pass(base, models, settings, dtype, device).norms_of(name, in_hand)
+    return {} if norms is None else {name: norms}
+
+
+def tensor_norms(name: str, base, models: Sequence, settings: NanSettings, in_hand: InHand) -> DeltaNorms:
+    """Tensor `name`'s ||base|| and delta norms for its merge: at layer/model granularity
+    the pass's, where it took them from the same stored tensors (or the norm cache),
+    otherwise computed from `in_hand`, the tensors mergekit loaded for the merge."""
+    base_tensor, tensors = in_hand
+    if settings.granularity != "tensor" and all(t.shape == base_tensor.shape for t in tensors):
+        norm_pass = _norm_pass(base, models, settings, base_tensor.dtype, base_tensor.device)
+        found = norm_pass.tensor_norms(name, in_hand)
+        if found is not None:
+            return found
+    session = current()
+    with torch.no_grad():
+        return delta_norms(base_tensor, tensors, scratch=session and session.scratch)
+
+
+def _norm_pass(base, models: Sequence, settings: NanSettings, dtype: torch.dtype, device: torch.device) -> NormPass:
+    """The merge's pass over these inputs (one per session; a new one without a session)."""
     key = (base, tuple(models), settings.granularity, settings.norm_of, dtype, str(device))
     session = current()
 
     def start() -> NormPass:
         return NormPass(base, tuple(models), settings, dtype, device)
 
-    norms = (start() if session is None else session.group_norms(key, start)).norms_of(name, in_hand)
-    return {} if norms is None else {name: norms}
+    return start() if session is None else session.group_norms(key, start)
 
 
 InHand = Tuple[torch.Tensor, Sequence[torch.Tensor]]  # one tensor of the base and of each model
@@ -105,10 +127,15 @@ class NormPass:
     With `layer`, a block is measured when the first of its tensors merges: mergekit
     sorts its schedule by stored tensor name, so a dense block's tensors merge together,
     the block's tensors read here are still in the page cache when mergekit loads them,
-    and inputs larger than memory are not read from disk twice. `model` has one group, which needs every tensor before the first
-    one merges. The tensor whose merge asks is in memory already and is not loaded
-    again; the others are loaded two at a time (the base and one model), so that the
-    pass adds at most two tensors to what the merge holds.
+    and inputs larger than memory are not read from disk twice. `model` has one group,
+    which needs every tensor before the first one merges. The tensor whose merge asks is
+    in memory already and is not loaded again; the others are loaded one tensor at a time
+    (the base's and every model's, as mergekit holds them to merge that tensor).
+
+    Where the merge's inputs are the stored tensors (`MergeSession.inputs_as_stored`),
+    each tensor's norms are also the ones its merge needs (`tensor_norms`), and they are
+    read from and kept in the session's norm cache: a tensor whose norms are all cached
+    is not loaded at all.
     """
 
     def __init__(self, base, models: Tuple, settings: NanSettings, dtype: torch.dtype, device: torch.device):
@@ -118,11 +145,14 @@ class NormPass:
         self.members: Dict[str, List[str]] = {}
         for name, planned in self.plan.items():
             self.members.setdefault(planned.group, []).append(name)
-        # stored keys (base, *models) -> per-model norms: a tied tensor is read once,
+        # stored keys (base, *models) -> MeasuredTensor: a tied tensor is read once,
         # whichever groups it belongs to
-        self._measured: Dict[Tuple[Hashable, ...], list] = {}
+        self._measured: Dict[Tuple[Hashable, ...], MeasuredTensor] = {}
         self._groups: Dict[str, Tuple[float, ...]] = {}
         self._lock = threading.Lock()
+        session = current()
+        self._stored_inputs = session is not None and session.inputs_as_stored
+        self._cache = session.norm_cache if self._stored_inputs else None
 
     def norms_of(self, name: str, in_hand: Optional[InHand] = None) -> Optional[Tuple[float, ...]]:
         """Each model's norm over the group of `name` (None: not in the architecture)."""
@@ -134,48 +164,97 @@ class NormPass:
                 self._groups[planned.group] = self._measure(planned.group, {name: in_hand} if in_hand else {})
             return self._groups[planned.group]
 
+    def tensor_norms(self, name: str, in_hand: InHand) -> Optional[DeltaNorms]:
+        """Tensor `name`'s own ||base|| and delta norms, as its merge would compute them
+        from `in_hand`; None where the pass cannot vouch for them (inputs that are not
+        the stored tensors, weight norms, a tensor outside the architecture)."""
+        if not self._stored_inputs or self.settings.norm_of != "delta" or self.norms_of(name, in_hand) is None:
+            return None
+        with self._lock:
+            measured = self._measured[self._keys(name)]
+        if measured.base_norm is None or None in measured.norms:
+            return None
+        return DeltaNorms(base_norm=measured.base_norm, delta_norms=tuple(measured.norms))
+
+    def _keys(self, name: str) -> Tuple[Hashable, ...]:
+        return tuple(_stored_key(model, name, self.plan[name]) for model in (self.base, *self.models))
+
     def _measure(self, group: str, in_hand: Dict[str, InHand]) -> Tuple[float, ...]:
         members = self.members[group]
-        keys = {
-            name: tuple(_stored_key(model, name, self.plan[name]) for model in (self.base, *self.models))
-            for name in members
-        }
+        keys = {name: self._keys(name) for name in members}
         # Read in the reverse of mergekit's schedule (tensors sorted by stored name), so
         # that what the merge loads first was read last and is the likeliest to be still
         # in the page cache when the inputs are larger than memory.
         reading = sorted(members, key=lambda name: str(keys[name][0]), reverse=True)
         for name in tqdm.tqdm(reading, desc=f"NAN norms, {group}", leave=False, disable=len(members) < 100):
             if keys[name] not in self._measured:
-                self._measured[keys[name]] = self._norms(name, in_hand.get(name))
+                self._measured[keys[name]] = self._norms(name, keys[name], in_hand.get(name))
         total = GroupNormSum(len(self.models))
         for name in members:  # summed in the architecture's order, whatever the reading order
-            total.add(keys[name][1:], self._measured[keys[name]])
+            total.add(keys[name][1:], self._measured[keys[name]].norms)
         return total.norms()
 
-    def _norms(self, name: str, in_hand: Optional[InHand]) -> list:
-        """Each model's norm of tensor `name` as mergekit loads it (None where a model
-        lacks an optional tensor, or its tensor is misshapen or not floating point)."""
+    def _norms(self, name: str, stored: Tuple[Hashable, ...], in_hand: Optional[InHand]) -> MeasuredTensor:
+        """Tensor `name`'s norms as mergekit loads it: the cached ones, the others computed
+        (None where a model lacks an optional tensor, or its tensor is misshapen or not
+        floating point)."""
+        deltas = self.settings.norm_of == "delta"
+        kind = DELTA if deltas else WEIGHT
+        files = [
+            _source_file(model, key) if self._cache else None for model, key in zip((self.base, *self.models), stored)
+        ]
+
+        def entry(kind: str, index: int, *more) -> tuple:
+            """(the cache's key of model `index`'s norm, the norm cached there or None)."""
+            key = (kind, str(stored[index]), (files[index], *more), str(self.dtype), self.device.type)
+            found = self._cache.get(*key) if self._cache and None not in key[2] else None
+            return key, found
+
+        base_entry = entry(WEIGHT, 0) if deltas else (None, None)
+        entries = [entry(kind, index, *((files[0],) if deltas else ())) for index in range(1, len(stored))]
+        base_norm, norms = base_entry[1], [found for _, found in entries]
+        missing = [index for index, value in enumerate(norms) if value is None]
+        if not missing and (base_norm is not None or not deltas):
+            return self._finished(name, base_norm, norms)
+
         base_tensor = in_hand[0] if in_hand else self._load(self.base, name)
         if base_tensor is None or not base_tensor.is_floating_point():
-            return [None] * len(self.models)
+            return MeasuredTensor(None, [None] * len(self.models))
+        tensors = {}
+        for index in missing:
+            tensor = in_hand[1][index] if in_hand else self._load(self.models[index], name)
+            if tensor is not None and tensor.shape == base_tensor.shape and tensor.is_floating_point():
+                tensors[index] = tensor
         session = current()
         scratch = session and session.scratch
-        per_model = []
-        for index, model in enumerate(self.models):
-            tensor = in_hand[1][index] if in_hand else self._load(model, name)
-            if tensor is None or tensor.shape != base_tensor.shape or not tensor.is_floating_point():
-                per_model.append(None)
-                continue
-            with torch.no_grad():
-                if self.settings.norm_of == "weights":
-                    (norm,) = weight_norms([tensor], scratch=scratch)
-                else:
-                    (norm,) = delta_norms(base_tensor, [tensor], scratch=scratch).delta_norms
-                    if session is not None and session.adapter_norms:
-                        (norm,) = session.substitute_adapter_norms([model], name, (norm,))
-            per_model.append(norm)
-            del tensor  # the next model's tensor replaces it
-        return per_model
+        with torch.no_grad():
+            if deltas:
+                measured = delta_norms(base_tensor, list(tensors.values()), scratch=scratch)
+                computed = dict(zip(tensors, measured.delta_norms))
+                if base_norm is None:
+                    base_norm = measured.base_norm
+                    self._kept(base_entry[0], base_norm)
+            else:
+                computed = dict(zip(tensors, weight_norms(list(tensors.values()), scratch=scratch)))
+        for index in missing:
+            norms[index] = computed.get(index)
+            if norms[index] is not None:
+                self._kept(entries[index][0], norms[index])
+        return self._finished(name, base_norm, norms)
+
+    def _finished(self, name: str, base_norm: Optional[float], norms: List[Optional[float]]) -> MeasuredTensor:
+        """The norms of `name`, with a LoRA's adapter norm where inspect reads one from its files."""
+        session = current()
+        if self.settings.norm_of == "delta" and session is not None and session.adapter_norms:
+            norms = [
+                n if n is None else session.substitute_adapter_norms([model], name, (n,))[0]
+                for model, n in zip(self.models, norms)
+            ]
+        return MeasuredTensor(base_norm, norms)
+
+    def _kept(self, key: Optional[tuple], value: float) -> None:
+        if self._cache is not None and key is not None and None not in key[2]:
+            self._cache.put(*key, value)
 
     def _load(self, model, name: str) -> Optional[torch.Tensor]:
         """Tensor `name` of `model` as mergekit's merge loads it, in the pass's dtype; None
@@ -200,6 +279,24 @@ class NormPass:
                 f"{f' (nor {also})' if also else ''}, which mergekit's architecture info plans for it"
             )
         return tensor.to(self.dtype) if tensor.is_floating_point() else None
+
+
+@dataclass
+class MeasuredTensor:
+    """One stored tensor's norms: ||base|| (None unless delta norms are taken) and each
+    model's norm (None where it does not count)."""
+
+    base_norm: Optional[float]
+    norms: List[Optional[float]]
+
+
+def _source_file(model, key: Hashable) -> Optional[str]:
+    """The checkpoint file `model` reads stored tensor `key` from (None: not stored as such)."""
+    from mergekit.io.tasks import LoaderCache
+
+    index = LoaderCache().get(model).index
+    shard = index.tensor_paths.get(key)
+    return None if shard is None else os.path.join(index.base_path, shard)
 
 
 def _stored_key(model, name: str, planned: PlannedTensor) -> Hashable:

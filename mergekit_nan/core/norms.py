@@ -31,6 +31,10 @@ import torch
 CPU_CHUNK = 1 << 19
 ACCELERATOR_CHUNK = 1 << 24
 
+# The version of this module's arithmetic: norms kept in the norm cache are served only
+# to the same version, so bump it whenever a change could move a result by one bit.
+NORM_KERNEL = 1
+
 # float32 sums outside this range may have lost precision or overflowed.
 _SAFE_SUMSQ = (1e-30, 1e30)
 

@@ -45,8 +45,10 @@ class TensorRecord:
     parameters: Tuple[Tuple[str, Any], ...]  # shared parameters, sorted by name
 
 
-def to_json(records: List[TensorRecord]) -> Dict[str, Any]:
-    """The record as one JSON document: columns per tensor, aligned to `models`."""
+def to_json(records: List[TensorRecord], norm_cache: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
+    """The record as one JSON document: columns per tensor, aligned to `models`.
+    `norm_cache`: how many of the layer/model norms were read from the norm cache and
+    how many were added to it, where it was used."""
     models: List[str] = []
     for record in records:
         models.extend(m for m in record.models if m not in models)
@@ -71,7 +73,7 @@ def to_json(records: List[TensorRecord]) -> Dict[str, Any]:
         entry["priors"] = column(record, record.priors)
         entry["weights"] = column(record, record.weights)
         tensors.append(entry)
-    return {
+    document = {
         "format": RECORD_FORMAT,
         "paper": PAPER_URL,
         "merge_method": ", ".join(m for m, _ in methods),
@@ -79,8 +81,11 @@ def to_json(records: List[TensorRecord]) -> Dict[str, Any]:
         "base_model": records[0].base_model if records else None,
         "models": models,
         "parameters": common,
-        "tensors": tensors,
     }
+    if norm_cache:
+        document["norm_cache"] = dict(norm_cache)
+    document["tensors"] = tensors
+    return document
 
 
 def record_schema() -> Dict[str, Any]:

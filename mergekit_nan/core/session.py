@@ -33,6 +33,12 @@ class MergeSession:
     model_order: the models in the order the config names them (the record's columns).
     measure_shares: for inspect, also measure what the weights do to the merge
       (`core.shares`) in every tensor of a task-vector method.
+    norm_cache: the `core.norm_cache.NormCache` the layer/model norms are read from and
+      kept in (None: no cache).
+    inputs_as_stored: whether every tensor mergekit hands a merge method is a stored
+      tensor as its file holds it (not so where a tokenizer merge permutes embeddings or
+      slices take tensors from other layers); only then are norms taken from the files
+      reused for the merge, or cached.
     """
 
     def __init__(
@@ -44,6 +50,8 @@ class MergeSession:
         adapters: Optional[Dict[Any, Dict[str, Any]]] = None,
         model_order: Tuple[Any, ...] = (),
         measure_shares: bool = False,
+        norm_cache: Optional[Any] = None,
+        inputs_as_stored: bool = False,
     ):
         self.out_path = out_path
         self.uses_nan = uses_nan
@@ -52,6 +60,8 @@ class MergeSession:
         self.adapter_norms = {model: {n: d.norm() for n, d in found.items()} for model, found in self.adapters.items()}
         self.model_order = tuple(model_order)
         self.measure_shares = measure_shares
+        self.norm_cache = norm_cache
+        self.inputs_as_stored = inputs_as_stored
         self.records: List[TensorRecord] = []  # appended under the lock, read once the merge is done
         self.shares: List[Any] = []  # core.shares.TensorShares, likewise
         self.card_section: Optional[str] = None  # set when the record is written

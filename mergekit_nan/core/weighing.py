@@ -13,7 +13,7 @@ from typing import Callable, Dict, Hashable, Mapping, Optional, Sequence, Tuple
 import torch
 
 from mergekit_nan.core.coefficients import takes_part, weights_for
-from mergekit_nan.core.norms import delta_norms, weight_norms
+from mergekit_nan.core.norms import DeltaNorms, delta_norms, weight_norms
 from mergekit_nan.core.parameters import NanConfigError, NanSettings, check_prior
 from mergekit_nan.core.record import TensorRecord
 from mergekit_nan.core.session import current
@@ -56,16 +56,22 @@ def weigh_task_vectors(
     settings: NanSettings,
     shared_parameters: Tuple[Tuple[str, object], ...],
     group_norms: Optional[Callable[[], GroupNorms]] = None,
+    own_norms: Optional[Callable[[], DeltaNorms]] = None,
 ) -> Weighing:
     """NAN weights for a task-vector method (task arithmetic, TIES, DARE, ...).
 
-    `group_norms` gives the layer/model norms table (granularity layer/model).
+    `group_norms` gives the layer/model norms table (granularity layer/model);
+    `own_norms` this tensor's ||base|| and delta norms where the caller has them already
+    (the layer/model pass took them), computed from the tensors otherwise.
     """
     ids = [model for model, _ in models]
     priors = tuple(check_prior(p, method, m, name) for m, p in zip(ids, priors))
     session = current()
-    with torch.no_grad():
-        measured = delta_norms(base, [tensor for _, tensor in models], scratch=_scratch(session))
+    if own_norms is not None:
+        measured = own_norms()
+    else:
+        with torch.no_grad():
+            measured = delta_norms(base, [tensor for _, tensor in models], scratch=_scratch(session))
     deltas = measured.delta_norms
     if session is not None and session.adapter_norms:
         deltas = session.substitute_adapter_norms(ids, name, deltas)
