@@ -45,7 +45,10 @@ import make_smollm2  # noqa: E402
 from mergekit_nan.yaml_run import merge_config, run_mergekit_yaml, write_config  # noqa: E402
 
 # name -> merge_method, shared `parameters:`, per-model `parameters:` (weight is
-# always 1.0). Pairs compare entries of this table.
+# always 1.0), and how the NAN norm cache is filled before the timed run (none: each
+# run gets an empty cache folder, as a first merge does; "inspect": `mergekit-nan
+# inspect` of the same config runs first, untimed; "merge": the same merge runs first,
+# untimed). Pairs compare entries of this table.
 METHODS: dict[str, dict] = {
     "ties": {"merge_method": "ties", "model": {"density": 0.5}},
     "nan_ties": {"merge_method": "nan_ties", "model": {"density": 0.5}},
@@ -54,6 +57,22 @@ METHODS: dict[str, dict] = {
     # The layer/model pre-pass (one extra read of the inputs) against per-tensor NAN:
     "nan_task_arithmetic_model": {"merge_method": "nan_task_arithmetic", "shared": {"granularity": "model"}},
     "nan_task_arithmetic_layer": {"merge_method": "nan_task_arithmetic", "shared": {"granularity": "layer"}},
+    # With the norm cache filled first, untimed (every other run starts from an empty one):
+    "nan_task_arithmetic_model_after_inspect": {
+        "merge_method": "nan_task_arithmetic",
+        "shared": {"granularity": "model"},
+        "norm_cache": "inspect",
+    },
+    "nan_task_arithmetic_model_repeat": {
+        "merge_method": "nan_task_arithmetic",
+        "shared": {"granularity": "model"},
+        "norm_cache": "merge",
+    },
+    "nan_task_arithmetic_layer_repeat": {
+        "merge_method": "nan_task_arithmetic",
+        "shared": {"granularity": "layer"},
+        "norm_cache": "merge",
+    },
     "nan_ties_model": {"merge_method": "nan_ties", "model": {"density": 0.5}, "shared": {"granularity": "model"}},
     "nan_ties_layer": {"merge_method": "nan_ties", "model": {"density": 0.5}, "shared": {"granularity": "layer"}},
 }
@@ -97,6 +116,21 @@ def run_merge(
         "read_bytes": (run.io or {}).get("read_bytes"),
         "inblock_bytes": usage.ru_inblock * 512,
     }
+
+
+def fill_norm_cache(how: str | None, config: Path, scratch: Path, extra: list[str], env: dict) -> float | None:
+    """Fill the cache of `env` as METHODS says (untimed here); returns the filling run's wall s."""
+    if how is None:
+        return None
+    if how == "inspect":
+        command = [str(Path(sys.executable).parent / "mergekit-nan"), "inspect", str(config), "--no-shares", *extra]
+        started = time.perf_counter()
+        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - started
+    started = time.perf_counter()
+    run_mergekit_yaml(config, scratch, ["--quiet", *extra], env=env, clear=True)
+    shutil.rmtree(scratch)
+    return time.perf_counter() - started
 
 
 def check_output(out: Path, base: Path) -> None:
@@ -513,9 +547,18 @@ def main() -> None:
                 stem = tmp / f"{slot}-{m}"
                 out, load1 = tmp / "out", os.getloadavg()[0]
                 log = stem.with_suffix(".log")
+                cache = tmp / "norm-cache"
+                shutil.rmtree(cache, ignore_errors=True)
+                run_env = {**env, "MERGEKIT_NAN_NORM_CACHE": str(cache)}
+                filled = fill_norm_cache(METHODS[m].get("norm_cache"), stem.with_suffix(".yaml"), out, extra, run_env)
                 if args.cold:
                     drop_page_cache()
-                measured = run_merge(stem.with_suffix(".yaml"), out, log, extra, env)
+                measured = run_merge(stem.with_suffix(".yaml"), out, log, extra, run_env)
+                if filled is not None:
+                    measured["cache_filled_by_untimed_run_s"] = filled
+                record = out / "nan_coefficients.json"
+                if record.exists():  # how many norms the timed run read from the cache and added to it
+                    measured["norm_cache"] = json.loads(record.read_text()).get("norm_cache")
                 if rep == 0:
                     check_output(out, base)
                 shutil.rmtree(out)

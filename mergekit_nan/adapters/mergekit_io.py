@@ -182,10 +182,13 @@ class NormPass:
     def _measure(self, group: str, in_hand: Dict[str, InHand]) -> Tuple[float, ...]:
         members = self.members[group]
         keys = {name: self._keys(name) for name in members}
-        # Read in the reverse of mergekit's schedule (tensors sorted by stored name), so
-        # that what the merge loads first was read last and is the likeliest to be still
-        # in the page cache when the inputs are larger than memory.
-        reading = sorted(members, key=lambda name: str(keys[name][0]), reverse=True)
+        # `model`: read in the reverse of mergekit's schedule (tensors sorted by stored
+        # name), so that what the merge loads first was read last and is the likeliest to
+        # be still in the page cache when the inputs are larger than memory. A block fits
+        # in memory: read it in the schedule's order, so that the kernel's read-ahead runs
+        # on into the next block while mergekit merges this one.
+        reverse = self.settings.granularity == "model"
+        reading = sorted(members, key=lambda name: str(keys[name][0]), reverse=reverse)
         for name in tqdm.tqdm(reading, desc=f"NAN norms, {group}", leave=False, disable=len(members) < 100):
             if keys[name] not in self._measured:
                 self._measured[keys[name]] = self._norms(name, keys[name], in_hand.get(name))
