@@ -33,7 +33,7 @@ def mergekit_version(python):
         ("nan_nuslerp", {"nuslerp_flatten": False}, {}),
     ],
 )
-def test_same_record_under_both_generations(tmp_path, method, shared, per_model):
+def test_same_record_under_both_generations(tmp_path, monkeypatch, method, shared, per_model):
     import sys
 
     assert mergekit_version(OTHER) != mergekit_version(sys.executable), "the two environments hold the same mergekit"
@@ -49,9 +49,12 @@ def test_same_record_under_both_generations(tmp_path, method, shared, per_model)
     else:
         config = nan_config(method, paths, [1, 2, 1], "float32", shared, per_model)
     here, there = str(tmp_path / "here"), str(tmp_path / "there")
+    # each its own norm cache, so that both compute every norm (a record says how many it read)
+    monkeypatch.setenv("MERGEKIT_NAN_NORM_CACHE", str(tmp_path / "cache-here"))
     run = mergekit_yaml(config, here)
     assert run.returncode == 0, run.stderr[-2000:]
     command = str(pathlib.Path(OTHER).parent / "mergekit-yaml")
+    monkeypatch.setenv("MERGEKIT_NAN_NORM_CACHE", str(tmp_path / "cache-there"))
     run = mergekit_yaml(config, there, command=command)
     assert run.returncode == 0, run.stderr[-2000:]
     mine = pathlib.Path(here, "nan_coefficients.json").read_bytes()

@@ -111,7 +111,8 @@ def test_block_norms_cover_the_experts_and_the_merge_is_stock_ties(runs, arch, g
     inspected = load_record(os.path.join(out + "-inspect", "coefficients.json"))
     # inspect's numbers are the merge's, bit for bit; the order of the tensors is mergekit's
     # schedule, which for the converted expert tensors differs between the two task graphs
-    assert {**inspected, "tensors": None} == {**record, "tensors": None}
+    # (and how many norms each read from the norm cache depends on which of the two ran first)
+    assert {**inspected, "tensors": None, "norm_cache": None} == {**record, "tensors": None, "norm_cache": None}
     assert sorted(inspected["tensors"], key=str) == sorted(record["tensors"], key=str)
 
 
