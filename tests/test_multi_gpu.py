@@ -81,4 +81,6 @@ def test_two_devices_equal_one_bit_for_bit(family, tmp_path, method, granularity
     # the same record, but for the order of `tensors` (the order mergekit ran them in)
     by_name = {t["name"]: t for t in record.pop("tensors")}
     assert by_name == {t["name"]: t for t in alone.pop("tensors")}
+    # (how many norms each read from the norm cache depends on which of the two ran first)
+    record.pop("norm_cache", None), alone.pop("norm_cache", None)
     assert record == alone
