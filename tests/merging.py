@@ -49,6 +49,34 @@ def mergekit_nan_inspect(*args, env=None) -> subprocess.CompletedProcess:
     )
 
 
+# "<file in site-packages>:<line>: <Category>Warning: <message>" and the indented source line Python prints after it
+INSTALLED_PACKAGE_WARNING = re.compile(r"^\S*[/\\]site-packages[/\\]\S+:\d+: \w*Warning: ")
+
+
+def own_stderr_lines(stderr: str) -> List[str]:
+    """The lines the command itself wrote to stderr: those of warnings that installed packages raise on import
+    (peft's deprecation of transformers<5.6, say) are left out, since they depend on the environment."""
+    lines, kept = stderr.strip().splitlines(), []
+    skipping = False
+    for line in lines:
+        if INSTALLED_PACKAGE_WARNING.match(line):
+            skipping = True
+        elif not (skipping and line[:1].isspace()):
+            skipping = False
+            kept.append(line)
+    return kept
+
+
+def weighing_of(record: dict) -> dict:
+    """What a record says of the weights, for comparing two runs of one merge: its tensors in
+    no particular order (mergekit's schedule can differ between runs and task graphs) and
+    without the norm-cache counts (they depend on which run filled the cache)."""
+    kept = {key: value for key, value in record.items() if key != "norm_cache"}
+    if "tensors" in kept:
+        kept["tensors"] = sorted(kept["tensors"], key=lambda entry: json.dumps(entry, sort_keys=True))
+    return kept
+
+
 def mergekit_yaml(config: dict, out: str, *extra: str, command: str = "mergekit-yaml") -> subprocess.CompletedProcess:
     """The real command line, in a subprocess, as a user would run it (config written to <out>.yml)."""
     return run_mergekit_yaml(config, out, ["--no-copy-tokenizer", *extra], command=command, check=False)

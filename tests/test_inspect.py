@@ -6,7 +6,7 @@ import os
 import pytest
 import yaml
 from checkpoints import make_family
-from merging import load_record, mergekit_nan_inspect, mergekit_yaml, nan_config, read_record
+from merging import load_record, mergekit_nan_inspect, mergekit_yaml, nan_config, own_stderr_lines, read_record
 
 from mergekit_nan.yaml_run import write_config
 
@@ -83,7 +83,7 @@ def test_a_config_error_is_one_line_and_exit_status_1(tmp_path, config, message)
     (tmp_path / "c.yml").write_text(text)
     run = mergekit_nan_inspect(tmp_path / "c.yml")
     assert run.returncode == 1
-    lines = run.stderr.strip().splitlines()
+    lines = own_stderr_lines(run.stderr)
     assert len(lines) == 1 and message in lines[0], run.stderr[-3000:]
     assert "Traceback" not in run.stderr + run.stdout
     verbose = mergekit_nan_inspect(tmp_path / "c.yml", "--verbose")

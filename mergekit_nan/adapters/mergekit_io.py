@@ -43,19 +43,14 @@ def group_norms(
     return {} if norms is None else {name: norms}
 
 
-def tensor_norms(name: str, base, models: Sequence, settings: NanSettings, in_hand: InHand) -> DeltaNorms:
-    """Tensor `name`'s ||base|| and delta norms for its merge: at layer/model granularity
-    the pass's, where it took them from the same stored tensors (or the norm cache),
-    otherwise computed from `in_hand`, the tensors mergekit loaded for the merge."""
+def tensor_norms(name: str, base, models: Sequence, settings: NanSettings, in_hand: InHand) -> Optional[DeltaNorms]:
+    """Tensor `name`'s ||base|| and delta norms as the layer/model pass took them (from
+    the same stored tensors, or the norm cache); None where the pass has none to vouch
+    for, and the merge computes them from `in_hand`, the tensors mergekit loaded for it."""
     base_tensor, tensors = in_hand
-    if settings.granularity != "tensor" and all(t.shape == base_tensor.shape for t in tensors):
-        norm_pass = _norm_pass(base, models, settings, base_tensor.dtype, base_tensor.device)
-        found = norm_pass.tensor_norms(name, in_hand)
-        if found is not None:
-            return found
-    session = current()
-    with torch.no_grad():
-        return delta_norms(base_tensor, tensors, scratch=session and session.scratch)
+    if settings.granularity == "tensor" or any(t.shape != base_tensor.shape for t in tensors):
+        return None
+    return _norm_pass(base, models, settings, base_tensor.dtype, base_tensor.device).tensor_norms(name, in_hand)
 
 
 def _norm_pass(base, models: Sequence, settings: NanSettings, dtype: torch.dtype, device: torch.device) -> NormPass:

@@ -87,6 +87,7 @@ class NormCache:
         self.from_cache = 0  # norms served
         self.computed = 0  # norms computed and stored
         self._identities: Dict[str, Optional[Identity]] = {}
+        self._names: Dict[tuple, Optional[str]] = {}  # (kind, files, dtype, device) -> its table's file name
         self._tables: Dict[str, Dict[str, float]] = {}  # file name -> its norms
         self._keys: Dict[str, list] = {}  # file name -> its key, for the document
         self._new: Dict[str, Dict[str, float]] = {}  # file name -> norms not yet written
@@ -141,13 +142,21 @@ class NormCache:
     # --- files ----------------------------------------------------------------------
 
     def _table_name(self, kind: str, files: Sequence[str], dtype: str, device: str) -> Optional[str]:
-        identities = [self.identity(path) for path in files]
-        if any(identity is None for identity in identities):
-            return None
-        key = [kind, [list(i) for i in identities], dtype, device, self.kernel]
-        name = hashlib.sha256(json.dumps(key, separators=(",", ":")).encode()).hexdigest() + ".json"
+        """The file name of the table of (kind, files, dtype, device); None where a file has no identity.
+        Worked out once per merge (file identities are too)."""
+        asked = (kind, tuple(files), dtype, device)
         with self._lock:
-            self._keys.setdefault(name, key)
+            if asked in self._names:
+                return self._names[asked]
+        identities = [self.identity(path) for path in files]
+        name = None
+        if all(identity is not None for identity in identities):
+            key = [kind, [list(i) for i in identities], dtype, device, self.kernel]
+            name = hashlib.sha256(json.dumps(key, separators=(",", ":")).encode()).hexdigest() + ".json"
+        with self._lock:
+            self._names[asked] = name
+            if name is not None:
+                self._keys.setdefault(name, key)
         return name
 
     def _table(self, name: str) -> Dict[str, float]:

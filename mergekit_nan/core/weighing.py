@@ -56,20 +56,20 @@ def weigh_task_vectors(
     settings: NanSettings,
     shared_parameters: Tuple[Tuple[str, object], ...],
     group_norms: Optional[Callable[[], GroupNorms]] = None,
-    own_norms: Optional[Callable[[], DeltaNorms]] = None,
+    own_norms: Optional[Callable[[], Optional[DeltaNorms]]] = None,
 ) -> Weighing:
     """NAN weights for a task-vector method (task arithmetic, TIES, DARE, ...).
 
     `group_norms` gives the layer/model norms table (granularity layer/model);
     `own_norms` this tensor's ||base|| and delta norms where the caller has them already
-    (the layer/model pass took them), computed from the tensors otherwise.
+    (the layer/model pass took them); where it is None or gives None, they are computed
+    from the tensors.
     """
     ids = [model for model, _ in models]
     priors = tuple(check_prior(p, method, m, name) for m, p in zip(ids, priors))
     session = current()
-    if own_norms is not None:
-        measured = own_norms()
-    else:
+    measured = None if own_norms is None else own_norms()
+    if measured is None:
         with torch.no_grad():
             measured = delta_norms(base, [tensor for _, tensor in models], scratch=_scratch(session))
     deltas = measured.delta_norms
